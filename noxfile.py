@@ -1,0 +1,74 @@
+"""Test sessions. ``nox`` runs the default list; ``nox -l`` lists them all.
+
+The backends come from ``sophia_core/backends.py`` (loaded by path, since
+nothing is installed yet): one session per framework, each installing its
+framework and requiring it, so a missing framework fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import nox
+
+ROOT = pathlib.Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("_sophia_backends", ROOT / "sophia_core" / "backends.py")
+registry = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = registry  # dataclasses look the module up
+_spec.loader.exec_module(registry)
+
+# pip, not uv: uv ignores the local torch build and fetches a CUDA one.
+nox.options.default_venv_backend = "virtualenv"
+nox.options.error_on_missing_interpreters = True
+
+TEST_REQUIREMENTS = ("pytest", "hypothesis", "array-api-strict>=2.1")
+CORE_NAMESPACES = ("numpy", "array_api_strict")
+FRAMEWORKS = tuple(b for b in registry.BACKENDS if b.adapter is not None)
+
+nox.options.sessions = ["lint", "core", *(b.name for b in FRAMEWORKS)]
+
+
+def _required(*names: str) -> dict[str, str]:
+    return {registry.REQUIRED_ENV: ",".join(names)}
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """The core's tests with no deep-learning framework installed at all."""
+    session.install(".", *TEST_REQUIREMENTS)
+    session.run("pytest", "tests/core", *session.posargs, env=_required(*CORE_NAMESPACES))
+
+
+def _framework_session(backend) -> None:
+    def run(session: nox.Session) -> None:
+        # One pip command, so torch-dependent test packages see the pin.
+        session.install(
+            f".[{backend.extra}]", *backend.requirements, *TEST_REQUIREMENTS,
+            *backend.test_requirements,
+        )
+        paths = [p for p in ("tests/core", f"tests/{backend.name}") if (ROOT / p).is_dir()]
+        env = {**_required(*CORE_NAMESPACES, backend.name), **dict(backend.env)}
+        session.run("pytest", *paths, *session.posargs, env=env)
+
+    run.__doc__ = f"Core tests on the {backend.name} namespace and the {backend.adapter} adapter."
+    nox.session(name=backend.name)(run)
+
+
+for _backend in FRAMEWORKS:
+    _framework_session(_backend)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: a real training run, Sophia-G against AdamW."""
+    session.install(".", "scikit-learn")
+    session.run("python", "docs/examples/digits_numpy.py", *session.posargs)

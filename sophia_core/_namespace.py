@@ -1,0 +1,75 @@
+"""Finding the array namespace, the compute dtype, and array-metadata checks.
+
+Everything here looks at metadata only (dtype, shape), never at values, so it
+is safe under ``jax.jit``, ``torch.compile`` and ``tf.function``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "NAMESPACE_FUNCTIONS",
+    "check_floating",
+    "check_same_shape",
+    "compute_dtype",
+    "namespace_of",
+]
+
+#: Every attribute of ``xp`` that ``sophia_core`` uses. A namespace shim (the
+#: TensorFlow adapter's) must provide exactly these; a test keeps this tuple
+#: equal to what the core's source actually calls.
+NAMESPACE_FUNCTIONS: tuple[str, ...] = (
+    "abs",
+    "arange",
+    "argmax",
+    "astype",
+    "clip",
+    "exp",
+    "float32",
+    "float64",
+    "isdtype",
+    "log",
+    "max",
+    "ones_like",
+    "sum",
+    "where",
+    "zeros_like",
+)
+
+
+def namespace_of(*arrays: Any, xp: Any = None) -> Any:
+    """``xp`` if given, else the array-API namespace of ``arrays``."""
+    if xp is not None:
+        return xp
+    from array_api_compat import array_namespace
+
+    return array_namespace(*arrays)
+
+
+def check_floating(name: str, array: Any, *, xp: Any) -> None:
+    """Raise TypeError unless ``array`` has a real floating dtype."""
+    if not xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {array.dtype}"
+        )
+
+
+def check_same_shape(name_a: str, a: Any, name_b: str, b: Any) -> None:
+    """Raise ValueError naming both shapes unless they are equal."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"shape mismatch: {name_a} has shape {tuple(a.shape)} "
+            f"but {name_b} has shape {tuple(b.shape)}"
+        )
+
+
+def compute_dtype(dtype: Any, *, xp: Any) -> Any:
+    """The dtype arithmetic and state use for parameters of ``dtype``.
+
+    float32 and float64 compute in themselves; narrower floating dtypes
+    (float16, bfloat16) compute in float32 (SPEC section 1).
+    """
+    if dtype == xp.float64 or dtype == xp.float32:
+        return dtype
+    return xp.float32

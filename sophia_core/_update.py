@@ -1,0 +1,223 @@
+r"""The Sophia update, the Hessian EMA and the refresh schedule (SPEC 1, 2).
+
+Every function is pure: arrays in, new arrays out, no in-place writes and no
+Python branching on array values. Adapters write the results back.
+
+The update for one parameter :math:`\theta` with gradient :math:`g`, at the
+1-based step :math:`t` (the step being taken):
+
+.. math::
+
+    g &\leftarrow -g \quad \text{if maximize} \\
+    m &\leftarrow \beta_1 m + (1 - \beta_1) g \\
+    \hat m &\leftarrow m / (1 - \beta_1^t) \quad \text{if bias\_correction, else } m \\
+    \theta &\leftarrow \theta \, (1 - \eta \lambda) \\
+    u &\leftarrow \operatorname{clip}\!\big(\hat m / \max(\gamma h, \epsilon), -c, c\big) \\
+    \theta &\leftarrow \theta - \eta u
+
+and, on refresh steps only, :math:`h \leftarrow \beta_2 h + (1 - \beta_2)\hat h`
+with :math:`\hat h` from an estimator (``sophia_core._estimators``).
+
+Because :math:`\max(\gamma h, \epsilon) > 0`, a zero or negative :math:`h`
+gives the sign step :math:`u = c\,\operatorname{sign}(m)`, and
+:math:`|u| \le c` always: no coordinate moves more than :math:`\eta c` beyond
+weight decay.
+
+The operation order above is the contract for cross-backend bitwise
+agreement: every backend runs these functions, so every backend executes the
+same IEEE operation sequence. Scalar coefficients (``1 - b1``, ``1 - lr*wd``)
+are computed in Python double precision when they are Python numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from ._namespace import check_floating, check_same_shape, compute_dtype, namespace_of
+
+__all__ = [
+    "SophiaState",
+    "apply_step",
+    "bias_corrected",
+    "clip_fraction",
+    "hessian_ema",
+    "init_state",
+    "momentum_update",
+    "preconditioned_step",
+    "refresh_due",
+    "sophia_update",
+]
+
+
+class SophiaState(NamedTuple):
+    """Per-parameter state: momentum ``m`` and the Hessian EMA ``h``.
+
+    The step counter is shared by all parameters and kept by the adapter.
+    """
+
+    m: Any
+    h: Any
+
+
+def init_state(param: Any, *, state_dtype: Any = None, xp: Any = None) -> SophiaState:
+    """Zero state for ``param``: float32 for narrow parameters by default."""
+    xp = namespace_of(param, xp=xp)
+    check_floating("param", param, xp=xp)
+    dtype = compute_dtype(param.dtype, xp=xp) if state_dtype is None else state_dtype
+    zeros = xp.zeros_like(param, dtype=dtype)
+    return SophiaState(m=zeros, h=xp.zeros_like(param, dtype=dtype))
+
+
+def momentum_update(m: Any, grad: Any, *, b1: float, maximize: bool = False) -> Any:
+    """``b1*m + (1-b1)*g``, with ``g`` negated when maximizing."""
+    if maximize:
+        grad = -grad
+    return b1 * m + (1.0 - b1) * grad
+
+
+def _as_float(step: Any, dtype: Any, xp: Any) -> Any:
+    """A step count usable as an exponent: Python numbers stay Python."""
+    if isinstance(step, (int, float)):
+        return step
+    return xp.astype(step, dtype)
+
+
+def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
+                   xp: Any = None) -> Any:
+    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``."""
+    if not bias_correction:
+        return m
+    xp = namespace_of(m, xp=xp)
+    return m / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+
+
+def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
+                        clip_threshold: float, xp: Any = None) -> Any:
+    """``u = clip(mhat / max(gamma*h, eps), -c, c)``: the clipped Newton step."""
+    xp = namespace_of(mhat, h, xp=xp)
+    denominator = xp.clip(gamma * h, min=eps)
+    return xp.clip(mhat / denominator, min=-clip_threshold, max=clip_threshold)
+
+
+def apply_step(param: Any, u: Any, *, lr: Any, weight_decay: float) -> Any:
+    """Decoupled weight decay on the pre-update parameter, then ``- lr*u``."""
+    if weight_decay != 0:
+        param = param * (1.0 - lr * weight_decay)
+    return param - lr * u
+
+
+def sophia_update(
+    param: Any,
+    grad: Any,
+    state: SophiaState,
+    *,
+    step: Any,
+    lr: Any,
+    b1: float,
+    gamma: float,
+    weight_decay: float,
+    eps: float,
+    clip_threshold: float,
+    bias_correction: bool = False,
+    maximize: bool = False,
+    xp: Any = None,
+) -> tuple[Any, SophiaState]:
+    """One Sophia step for one parameter; returns ``(new_param, new_state)``.
+
+    ``step`` is the 1-based index of this step (completed steps + 1), a
+    Python int or a 0-d integer array. ``lr`` is a float or a 0-d array.
+    Parameters narrower than float32 are computed in float32 and cast back;
+    the state keeps its own dtype. ``h`` is not changed here: see
+    :func:`hessian_ema`.
+
+    Raises TypeError for non-floating arrays and ValueError (naming both
+    shapes) when a gradient or state shape differs from the parameter's.
+    """
+    xp = namespace_of(param, grad, state.m, state.h, xp=xp)
+    for name, array in (("param", param), ("grad", grad), ("m", state.m), ("h", state.h)):
+        check_floating(name, array, xp=xp)
+        check_same_shape("param", param, name, array)
+    dtype = compute_dtype(param.dtype, xp=xp)
+    theta = xp.astype(param, dtype, copy=False)
+    m = momentum_update(
+        xp.astype(state.m, dtype, copy=False),
+        xp.astype(grad, dtype, copy=False),
+        b1=b1,
+        maximize=maximize,
+    )
+    mhat = bias_corrected(m, b1=b1, step=step, bias_correction=bias_correction, xp=xp)
+    u = preconditioned_step(
+        mhat, xp.astype(state.h, dtype, copy=False),
+        gamma=gamma, eps=eps, clip_threshold=clip_threshold, xp=xp,
+    )
+    theta = apply_step(theta, u, lr=lr, weight_decay=weight_decay)
+    new_state = SophiaState(m=xp.astype(m, state.m.dtype, copy=False), h=state.h)
+    return xp.astype(theta, param.dtype, copy=False), new_state
+
+
+def hessian_ema(h: Any, hhat: Any, *, b2: float, xp: Any = None) -> Any:
+    """``b2*h + (1-b2)*hhat`` (no bias correction), in ``h``'s dtype."""
+    xp = namespace_of(h, hhat, xp=xp)
+    check_floating("h", h, xp=xp)
+    check_floating("hhat", hhat, xp=xp)
+    check_same_shape("h", h, "hhat", hhat)
+    return b2 * h + (1.0 - b2) * xp.astype(hhat, h.dtype, copy=False)
+
+
+def refresh_due(completed_steps: Any, *, hessian_interval: int,
+                refresh_at_start: bool = True) -> Any:
+    """Whether the Hessian EMA is refreshed after ``completed_steps`` steps.
+
+    Due when ``completed_steps % hessian_interval == 0``; with
+    ``refresh_at_start=False`` (the authors' training loop) step 0 is not
+    due, so refreshes follow steps k, 2k, ... only. Works on Python ints
+    (returns bool) and 0-d integer arrays (returns a 0-d bool array, for
+    ``lax.cond`` and friends).
+    """
+    due = (completed_steps % hessian_interval) == 0
+    if not refresh_at_start:
+        due = due & (completed_steps > 0)
+    return due
+
+
+def clip_fraction(
+    ms: Sequence[Any],
+    hs: Sequence[Any],
+    *,
+    gamma: float,
+    eps: float,
+    clip_threshold: float,
+    b1: float = 0.0,
+    step: Any = 1,
+    bias_correction: bool = False,
+    xp: Any = None,
+) -> Any:
+    """Fraction of coordinates whose step is *not* clipped (0-d array).
+
+    ``|mhat / max(gamma*h, eps)| < c`` counted over all the given momentum
+    and Hessian arrays together. The authors suggest tuning ``gamma`` so
+    that this lies between 0.1 and 0.5. Returns NaN-free 0 for no elements.
+    """
+    if len(ms) != len(hs):
+        raise ValueError(f"got {len(ms)} momentum arrays but {len(hs)} Hessian arrays")
+    if not ms:
+        raise ValueError("clip_fraction needs at least one array")
+    xp = namespace_of(*ms, *hs, xp=xp)
+    unclipped = None
+    total = 0
+    for m, h in zip(ms, hs, strict=True):
+        check_same_shape("m", m, "h", h)
+        mhat = bias_corrected(m, b1=b1, step=step, bias_correction=bias_correction, xp=xp)
+        ratio = xp.abs(mhat / xp.clip(gamma * h, min=eps))
+        count = xp.sum(xp.astype(ratio < clip_threshold, m.dtype))
+        unclipped = count if unclipped is None else unclipped + count
+        total += _size(m)
+    return unclipped / max(total, 1)
+
+
+def _size(array: Any) -> int:
+    size = 1
+    for n in array.shape:
+        size *= int(n)
+    return size
