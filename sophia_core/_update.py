@@ -85,11 +85,17 @@ def _as_float(step: Any, dtype: Any, xp: Any) -> Any:
 
 def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
                    xp: Any = None) -> Any:
-    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``."""
+    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``.
+
+    Computed as ``m * (1 / (1 - b1**step))`` with the factor formed first (in
+    Python double precision for a Python ``step``): XLA rewrites division by
+    a constant into multiplication by its reciprocal, so writing the
+    multiplication ourselves keeps every backend on the same operation.
+    """
     if not bias_correction:
         return m
     xp = namespace_of(m, xp=xp)
-    return m / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+    return m * (1.0 / (1.0 - b1 ** _as_float(step, m.dtype, xp)))
 
 
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
