@@ -34,7 +34,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._namespace import check_floating, check_same_shape, compute_dtype, namespace_of
+from ._namespace import (
+    check_eps,
+    check_floating,
+    check_same_shape,
+    compute_dtype,
+    namespace_of,
+)
 
 __all__ = [
     "SophiaState",
@@ -145,6 +151,7 @@ def sophia_update(
         check_floating(name, array, xp=xp)
         check_same_shape("param", param, name, array)
     dtype = compute_dtype(param.dtype, xp=xp)
+    check_eps(eps, dtype, xp=xp)
     theta = xp.astype(param, dtype, copy=False)
     m = momentum_update(
         xp.astype(state.m, dtype, copy=False),

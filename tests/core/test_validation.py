@@ -93,6 +93,16 @@ def test_mismatched_shapes_raise_value_error_naming_both(xp):
         sc.hessian_ema(param, xp.asarray(np.ones((2,))), b2=0.99)
 
 
+def test_eps_must_be_normal_in_the_compute_dtype(xp):
+    kwargs = sc.Hyperparameters().update_kwargs()
+    kwargs["eps"] = 1e-40  # a float32 subnormal: max(gamma*h, eps) could be 0
+    param = xp.asarray(np.ones(3, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"^eps \(epsilon\) must be a normal float32"):
+        sc.sophia_update(param, param, sc.init_state(param), step=1, **kwargs)
+    param = xp.asarray(np.ones(3, dtype=np.float64))  # fine in float64
+    sc.sophia_update(param, param, sc.init_state(param), step=1, **kwargs)
+
+
 def test_importing_the_core_imports_no_framework():
     frameworks = sorted({b.module for b in BACKENDS if b.adapter is not None} | {"jaxlib", "keras"})
     code = (
