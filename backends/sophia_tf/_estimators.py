@@ -39,6 +39,23 @@ def _noise(kind: str, shape: Any, dtype: tf.DType, generator: Any, seed: Any) ->
         generator.normal(shape, dtype=dtype)
 
 
+def _batch_noise(shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.Tensor:
+    """Uniform noise for a batch; stateless noise is drawn for the global batch.
+
+    Inside ``strategy.run`` with a seed, every replica draws the noise of the
+    whole global batch (replicas hold equal consecutive slices of it) and
+    keeps its own rows, so the labels equal the single-device ones.
+    """
+    context = tf.distribute.get_replica_context()
+    if seed is None or context is None or context.num_replicas_in_sync == 1:
+        return _noise("uniform", shape, dtype, generator, seed)
+    replicas = context.num_replicas_in_sync
+    rows = shape[0]
+    full = _noise("uniform", tf.concat([[rows * replicas], shape[1:]], 0), dtype, None, seed)
+    start = tf.cast(context.replica_id_in_sync_group, rows.dtype) * rows
+    return full[start:start + rows]
+
+
 def _seeds(seed: Any, count: int) -> list[Any]:
     if seed is None:
         return [None] * count
@@ -81,7 +98,7 @@ def gnb_local(logits_fn, variables, *, mask=None, generator=None, seed=None,
         if callable(mask):
             mask = mask(logits)
         dtype = sophia_core.compute_dtype(logits.dtype, xp=xp)
-        uniform = _noise("uniform", tf.shape(logits), dtype, generator, seed)
+        uniform = _batch_noise(tf.shape(logits), dtype, generator, seed)
         labels = tf.stop_gradient(sophia_core.sample_labels(
             logits, uniform, mask=mask, ignore_index=ignore_index, xp=xp))
         loss = sophia_core.masked_mean_cross_entropy(
@@ -96,9 +113,10 @@ def gnb_global(grads, positions):
     Called inside ``strategy.run`` (outside any ``tf.cond``: it communicates).
     """
     local = tf.cast(positions, tf.float64)
-    summed = replica_sum([g * tf.cast(local, g.dtype) for g in grads] + [local])
-    total = summed[-1]
-    return [g / tf.cast(tf.maximum(total, 1.0), g.dtype) for g in summed[:-1]], total
+    # Separate reductions: an all-reduce packs its list, so one dtype each.
+    summed = replica_sum([g * tf.cast(local, g.dtype) for g in grads])
+    total = replica_sum([local])[0]
+    return [g / tf.cast(tf.maximum(total, 1.0), g.dtype) for g in summed], total
 
 
 def _hvp(loss_fn: Callable[[], Any], tf_vars: list[tf.Variable], probes: list[tf.Tensor],
