@@ -40,6 +40,15 @@ KERAS_NAMES: dict[str, str] = {
 _NARROW = ("float16", "bfloat16")
 
 
+def _dense(gradient: Any) -> Any:
+    """The gradient as a dense tensor (TF gives embeddings ``IndexedSlices``)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(gradient)
+    return ops.convert_to_tensor(gradient)
+
+
 def backend_namespace() -> Any:
     """The array namespace the core runs on under the current Keras backend."""
     name = keras.backend.backend()
@@ -183,7 +192,7 @@ class Sophia(keras.optimizers.Optimizer):
         hp = self._hyperparameters
         new_param, state = sophia_core.sophia_update(
             param,
-            ops.convert_to_tensor(gradient),
+            _dense(gradient),
             SophiaState(m=ops.convert_to_tensor(m), h=ops.convert_to_tensor(h)),
             step=self.iterations + 1,
             lr=xp.astype(ops.convert_to_tensor(learning_rate), dtype),

@@ -35,7 +35,9 @@ LOGICAL_CPUS = _two_logical_cpus()
 
 def numpy_of(value) -> np.ndarray:
     """A TF tensor, Keras variable or array as numpy."""
-    return np.asarray(keras.ops.convert_to_numpy(value))
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return np.asarray(value)
 
 
 def bitwise_equal(a, b) -> bool:
