@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 import sophia_core
@@ -29,14 +30,35 @@ def _tf_variables(variables: Sequence[Any]) -> list[tf.Variable]:
     return [v if isinstance(v, tf.Variable) else v.value for v in variables]
 
 
-def _noise(kind: str, shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.Tensor:
+def _bits(shape: Any, generator: Any, seed: Any) -> tf.Tensor:
+    """64 random bits per element: the same in eager, graph and XLA code."""
     if seed is not None:
-        stateless = tf.random.stateless_uniform if kind == "uniform" else \
-            tf.random.stateless_normal
-        return stateless(shape, seed=seed, dtype=dtype)
+        return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.uint64, minval=None,
+                                           maxval=None, alg="philox")
     generator = generator if generator is not None else tf.random.get_global_generator()
-    return generator.uniform(shape, dtype=dtype) if kind == "uniform" else \
-        generator.normal(shape, dtype=dtype)
+    return generator.uniform_full_int(shape, dtype=tf.uint64)
+
+
+def _uniform(shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.Tensor:
+    """Uniform on [0, 1) with the dtype's full mantissa.
+
+    Built from raw bits, because TF's float kernels and XLA's turn the same
+    Philox bits into different floats; this way a seed gives the same noise
+    with and without ``jit_compile``.
+    """
+    digits = 53 if dtype == tf.float64 else 24
+    kept = tf.bitwise.right_shift(_bits(shape, generator, seed), tf.constant(64 - digits,
+                                                                               tf.uint64))
+    return tf.cast(kept, dtype) * tf.constant(2.0 ** -digits, dtype)
+
+
+def _noise(kind: str, shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.Tensor:
+    """Uniform [0, 1) or standard normal (Box-Muller) noise."""
+    if kind == "uniform":
+        return _uniform(shape, dtype, generator, seed)
+    radius_seed, angle_seed = (None, None) if seed is None else _seeds(seed, 2)
+    radius = tf.sqrt(-2.0 * tf.math.log(1.0 - _uniform(shape, dtype, generator, radius_seed)))
+    return radius * tf.cos((2.0 * np.pi) * _uniform(shape, dtype, generator, angle_seed))
 
 
 def _batch_noise(shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.Tensor:
@@ -59,7 +81,8 @@ def _batch_noise(shape: Any, dtype: tf.DType, generator: Any, seed: Any) -> tf.T
 def _seeds(seed: Any, count: int) -> list[Any]:
     if seed is None:
         return [None] * count
-    return list(tf.unstack(tf.random.experimental.stateless_split(seed, num=count)))
+    return list(tf.unstack(tf.random.experimental.stateless_split(seed, num=count,
+                                                                  alg="philox")))
 
 
 def gnb_hessian(
