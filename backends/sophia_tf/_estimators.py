@@ -30,6 +30,11 @@ def _tf_variables(variables: Sequence[Any]) -> list[tf.Variable]:
     return [v if isinstance(v, tf.Variable) else v.value for v in variables]
 
 
+def _dense(tensors: Sequence[Any]) -> list[tf.Tensor]:
+    """Gradients as dense tensors (embeddings give ``IndexedSlices``)."""
+    return [tf.convert_to_tensor(t) for t in tensors]
+
+
 def _bits(shape: Any, generator: Any, seed: Any) -> tf.Tensor:
     """64 random bits per element: the same in eager, graph and XLA code."""
     if seed is not None:
@@ -127,7 +132,7 @@ def gnb_local(logits_fn, variables, *, mask=None, generator=None, seed=None,
         loss = sophia_core.masked_mean_cross_entropy(
             logits, labels, ignore_index=ignore_index, xp=xp)
     grads = tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return grads, sophia_core.num_positions(labels, ignore_index=ignore_index, xp=xp)
+    return _dense(grads), sophia_core.num_positions(labels, ignore_index=ignore_index, xp=xp)
 
 
 def gnb_global(grads, positions):
@@ -151,16 +156,16 @@ def _hvp(loss_fn: Callable[[], Any], tf_vars: list[tf.Variable], probes: list[tf
                 tape.watch(tf_vars)
                 loss = loss_fn()
             grads = tape.gradient(loss, tf_vars, unconnected_gradients=zero)
-        return list(accumulator.jvp(grads, unconnected_gradients=zero))
+        return _dense(accumulator.jvp(grads, unconnected_gradients=zero))
     if method == "reverse_over_reverse":
         with tf.GradientTape(watch_accessed_variables=False) as outer:
             outer.watch(tf_vars)
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 inner.watch(tf_vars)
                 loss = loss_fn()
-            grads = inner.gradient(loss, tf_vars, unconnected_gradients=zero)
-        return list(outer.gradient(grads, tf_vars, output_gradients=probes,
-                                   unconnected_gradients=zero))
+            grads = _dense(inner.gradient(loss, tf_vars, unconnected_gradients=zero))
+        return _dense(outer.gradient(grads, tf_vars, output_gradients=probes,
+                                     unconnected_gradients=zero))
     raise ValueError(
         f"hvp must be 'forward_over_reverse' or 'reverse_over_reverse', got {method!r}"
     )
