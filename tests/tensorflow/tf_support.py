@@ -18,6 +18,8 @@ from backend_support import require  # noqa: E402
 tf = require("tensorflow")
 import keras  # noqa: E402
 
+__all__ = ["LOGICAL_CPUS", "bitwise_equal", "keras", "numpy_of", "tf"]
+
 
 def _two_logical_cpus() -> list[str]:
     cpus = tf.config.list_physical_devices("CPU")
