@@ -49,6 +49,13 @@ def _dense(gradient: Any) -> Any:
     return ops.convert_to_tensor(gradient)
 
 
+def _numpy(value: Any) -> Any:
+    tensor = ops.convert_to_tensor(value)
+    if keras.backend.backend() == "tensorflow":
+        return tensor.numpy()  # keras's np.array(tensor) warns under numpy 2
+    return ops.convert_to_numpy(tensor)
+
+
 def backend_namespace() -> Any:
     """The array namespace the core runs on under the current Keras backend."""
     name = keras.backend.backend()
@@ -294,12 +301,12 @@ class Sophia(keras.optimizers.Optimizer):
         hp = {core: getattr(self, keras_name) for core, keras_name in KERAS_NAMES.items()
               if core != "lr"}
         hp["weight_decay"] = self._hyperparameters.weight_decay
-        hp["lr"] = float(ops.convert_to_numpy(self._get_current_learning_rate()))
+        hp["lr"] = float(_numpy(self._get_current_learning_rate()))
         portable.save_state(
             path,
-            step=int(ops.convert_to_numpy(self.iterations)),
-            ms=[ops.convert_to_numpy(m) for m in self._sophia_m],
-            hs=[ops.convert_to_numpy(h) for h in self._sophia_h],
+            step=int(_numpy(self.iterations)),
+            ms=[_numpy(m) for m in self._sophia_m],
+            hs=[_numpy(h) for h in self._sophia_h],
             hyperparameters=hp,
         )
 
