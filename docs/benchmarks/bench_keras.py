@@ -4,7 +4,9 @@ Parameters have GPT-2-small's shapes (148 tensors, 124,439,808 values);
 gradients are fixed random tensors, so only the optimizer step is timed.
 Each optimizer's ``apply_gradients`` runs inside one ``tf.function``; the two
 are timed interleaved in the same process and the table reports medians and
-the ratio Sophia / AdamW (<= 1.0 means Sophia's step is no slower).
+the ratio Sophia / AdamW (<= 1.0 means Sophia's step is no slower), both as
+a ratio of medians and as the median of per-repeat ratios (robust to load
+drifting on a shared machine).
 
     python docs/benchmarks/bench_keras.py --repeats 15
 
@@ -91,11 +93,14 @@ def main() -> None:
     base = statistics.median(times["AdamW"])
     print(f"Keras {keras.__version__}, TensorFlow {tf.__version__}, {len(shapes)} tensors, "
           f"{count:,} parameters, median of {args.repeats} x {args.inner} steps")
-    print(f"{'optimizer':<10} {'median ms/step':>15} {'min ms/step':>12} {'ratio':>7}")
+    print(f"{'optimizer':<10} {'median ms/step':>15} {'min ms/step':>12} {'ratio':>7} "
+          f"{'paired ratio':>13}")
     for name, samples in times.items():
         median = statistics.median(samples)
+        # Median of the per-repeat ratios: adjacent samples share the machine's load.
+        paired = statistics.median(s / b for s, b in zip(samples, times["AdamW"], strict=True))
         print(f"{name:<10} {median * 1e3:>15.1f} {min(samples) * 1e3:>12.1f} "
-              f"{median / base:>7.2f}")
+              f"{median / base:>7.2f} {paired:>13.2f}")
 
 
 if __name__ == "__main__":
