@@ -23,12 +23,13 @@ X = RNG.standard_normal((48, 4)).astype("float32")
 Y = (X[:, 0] > 0).astype("int64") + (X[:, 1] > 0)
 
 
-def _model(optimizer):
+def _model(optimizer, **compile_options):
     keras.utils.set_random_seed(1)
     model = Classifier([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
                         keras.layers.Dense(3)])
     model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  **compile_options)
     return model
 
 
@@ -45,18 +46,26 @@ class HessianLog(keras.callbacks.Callback):
                              for v in self.model.trainable_variables))
 
 
-@pytest.mark.parametrize("cls,refresh_at_start", [(sophia_tf.SophiaG, True),
-                                                  (sophia_tf.SophiaH, False)])
-def test_fit_refreshes_the_hessian_on_schedule(cls, refresh_at_start):
+MODES = {"graph": dict(jit_compile=False), "jit": dict(jit_compile=True),
+         "eager": dict(run_eagerly=True)}
+
+
+@pytest.mark.parametrize("cls,refresh_at_start,mode", [
+    (sophia_tf.SophiaG, True, "graph"), (sophia_tf.SophiaG, True, "jit"),
+    (sophia_tf.SophiaG, False, "eager"), (sophia_tf.SophiaH, False, "graph"),
+])
+def test_fit_refreshes_the_hessian_on_schedule(cls, refresh_at_start, mode):
     k = 3
     model = _model(cls(learning_rate=0.02, hessian_interval=k,
-                       refresh_at_start=refresh_at_start))
+                       refresh_at_start=refresh_at_start), **MODES[mode])
     log = HessianLog()
-    model.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[log])
+    history = model.fit(X, Y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[log])
     changed = np.diff([0.0, *log.sums]) != 0
     # Batch b (0-based) starts after b completed steps: refreshed when b % k == 0.
     due = [b % k == 0 and (refresh_at_start or b > 0) for b in range(12)]
     assert changed.tolist() == due
+    assert history.history["loss"][-1] < history.history["loss"][0]
 
 
 def test_the_documented_example_trains():
