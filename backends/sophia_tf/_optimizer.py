@@ -147,16 +147,8 @@ class Sophia(keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
+        # beta_1, gamma, ... are properties over this (validated on change).
         self._hyperparameters = hyperparameters
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.gamma = gamma
-        self.epsilon = epsilon
-        self.clip_threshold = clip_threshold
-        self.hessian_interval = hessian_interval
-        self.refresh_at_start = refresh_at_start
-        self.bias_correction = bias_correction
-        self.maximize = maximize
 
     # -- state ---------------------------------------------------------------
 
@@ -205,7 +197,7 @@ class Sophia(keras.optimizers.Optimizer):
             lr=xp.astype(ops.convert_to_tensor(learning_rate), dtype),
             b1=hp.b1,
             gamma=hp.gamma,
-            weight_decay=hp.weight_decay if self._sophia_decays[index] else 0.0,
+            weight_decay=self.weight_decay if self._sophia_decays[index] else 0.0,
             eps=hp.eps,
             clip_threshold=hp.clip_threshold,
             bias_correction=hp.bias_correction,
@@ -334,6 +326,24 @@ class Sophia(keras.optimizers.Optimizer):
                     )
                 variable.assign(array.astype(keras.backend.standardize_dtype(variable.dtype)))
         self._iterations.assign(int(state.step))
+
+
+def _keras_property(core_name: str) -> property:
+    """A Keras-spelled attribute stored in the validated core hyperparameters."""
+
+    def get(self):
+        return getattr(self._hyperparameters, core_name)
+
+    def set(self, value):
+        self._hyperparameters = self._hyperparameters.replace(**{core_name: value})
+
+    return property(get, set, doc=f"The core's ``{core_name}``.")
+
+
+# learning_rate and weight_decay stay Keras's own attributes.
+for _core, _keras in KERAS_NAMES.items():
+    if _core not in ("lr", "weight_decay"):
+        setattr(Sophia, _keras, _keras_property(_core))
 
 
 @keras.saving.register_keras_serializable(package="sophia_tf")

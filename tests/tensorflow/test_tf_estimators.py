@@ -85,7 +85,7 @@ def test_hutchinson_gaussian_hvp_methods_agree_and_average_to_the_diagonal():
     reverse = sophia_tf.hutchinson_hessian(loss, [w], n_probes=3, seed=seed,
                                            hvp="reverse_over_reverse")[0]
     np.testing.assert_allclose(numpy_of(forward), numpy_of(reverse), rtol=1e-12)
-    probes = 64
+    probes = 16  # seeded: deterministic, and 5 sigma is far from the edge
     mean = sophia_tf.hutchinson_hessian(loss, [w], n_probes=probes, seed=seed)[0]
     spread = np.sqrt(2 * (hessian ** 2).sum(1) / probes)  # std of the mean of u_i (H u)_i
     assert (np.abs(numpy_of(mean) - np.diag(hessian)) < 5 * spread).all()

@@ -214,3 +214,12 @@ def test_sparse_gradients_from_an_embedding():
     after = numpy_of(model.trainable_variables[0])
     assert not np.array_equal(before[1], after[1])
     np.testing.assert_allclose(after[9], before[9] * (1 - 0.01 * 0.1), rtol=1e-6)  # decay only
+
+
+def test_keras_spelled_attributes_are_the_validated_hyperparameters():
+    optimizer = sophia_tf.SophiaG(beta_1=0.9, gamma=0.02)
+    assert optimizer.beta_1 == 0.9 and optimizer.gamma == 0.02
+    optimizer.gamma = 0.05
+    assert optimizer._hyperparameters.gamma == 0.05 and optimizer.get_config()["gamma"] == 0.05
+    with pytest.raises(ValueError, match="beta_1"):
+        optimizer.beta_1 = 1.0
