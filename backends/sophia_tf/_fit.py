@@ -113,8 +113,9 @@ class SophiaTrainStep:
         class Classifier(sophia_tf.SophiaTrainStep, keras.Sequential):
             pass
 
-    With any optimizer other than :class:`sophia_tf.Sophia` it changes
-    nothing. ``sophia_seed`` seeds the estimator's noise.
+    With any optimizer other than :class:`sophia_tf.Sophia` (possibly inside
+    a ``LossScaleOptimizer``) it changes nothing. ``sophia_seed`` seeds the
+    estimator's noise.
     """
 
     sophia_seed: int = 0
@@ -122,6 +123,8 @@ class SophiaTrainStep:
 
     def train_step(self, data):
         optimizer = getattr(self, "optimizer", None)
+        # Mixed precision wraps the optimizer in a LossScaleOptimizer.
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         if isinstance(optimizer, Sophia):
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
             refresh_hessian(self, optimizer, x, y, sample_weight, seed=self.sophia_seed,

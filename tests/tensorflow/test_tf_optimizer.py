@@ -223,3 +223,37 @@ def test_keras_spelled_attributes_are_the_validated_hyperparameters():
     assert optimizer._hyperparameters.gamma == 0.05 and optimizer.get_config()["gamma"] == 0.05
     with pytest.raises(ValueError, match="beta_1"):
         optimizer.beta_1 = 1.0
+
+
+def test_loss_scale_optimizer_skips_non_finite_steps():
+    variable = keras.Variable(np.ones((2, 2), "float32"))
+    optimizer = keras.optimizers.LossScaleOptimizer(sophia_tf.SophiaG(learning_rate=0.1))
+    optimizer.build([variable])
+    inner = optimizer.inner_optimizer
+    optimizer.apply_gradients([(tf.constant([[1.0, np.nan], [1.0, 1.0]]), variable)])
+    assert np.array_equal(numpy_of(variable), np.ones((2, 2)))  # the host skipped it
+    assert np.array_equal(numpy_of(inner.sophia_slots(variable)[0]), np.zeros((2, 2)))
+    scale = float(numpy_of(optimizer.dynamic_scale))
+    optimizer.apply_gradients([(tf.fill((2, 2), scale), variable)])  # a finite, scaled grad
+    assert np.isfinite(numpy_of(variable)).all()
+    assert not np.array_equal(numpy_of(variable), np.ones((2, 2)))
+
+
+def test_mixed_precision_fit_refreshes_through_the_loss_scale_optimizer():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        class Model(sophia_tf.SophiaTrainStep, keras.Sequential):
+            pass
+
+        model = Model([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                       keras.layers.Dense(3, dtype="float32")])
+        model.compile(optimizer=sophia_tf.SophiaG(learning_rate=0.01, hessian_interval=2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x = np.random.default_rng(0).standard_normal((32, 4)).astype("float32")
+        model.fit(x, (x[:, 0] > 0).astype("int64"), batch_size=8, epochs=1, verbose=0)
+        inner = model.optimizer.inner_optimizer
+        h = [numpy_of(inner.sophia_slots(v)[1]) for v in model.trainable_variables]
+        assert all(np.isfinite(a).all() for a in h) and sum(a.sum() for a in h) > 0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
