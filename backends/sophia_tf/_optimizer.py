@@ -210,12 +210,20 @@ class Sophia(keras.optimizers.Optimizer):
     # -- the Hessian ---------------------------------------------------------
 
     def hessian_refresh_due(self):
-        """Whether ``h`` is due a refresh now (a bool tensor; SPEC section 2)."""
-        return sophia_core.refresh_due(
+        """Whether ``h`` is due a refresh now (a bool tensor; SPEC section 2).
+
+        With ``gradient_accumulation_steps``, only on the first micro-batch
+        of an accumulation window (``iterations`` counts real steps).
+        """
+        due = sophia_core.refresh_due(
             ops.convert_to_tensor(self.iterations),
             hessian_interval=self.hessian_interval,
             refresh_at_start=self.refresh_at_start,
         )
+        if self.gradient_accumulation_steps:
+            micro = ops.convert_to_tensor(self._iterations)
+            due = due & ((micro % self.gradient_accumulation_steps) == 0)
+        return due
 
     def update_hessian(self, hhats=None, *, sampled_grads=None, positions=None):
         """Fold Hessian estimates into ``h``: ``h <- b2*h + (1-b2)*hhat``.

@@ -257,3 +257,15 @@ def test_mixed_precision_fit_refreshes_through_the_loss_scale_optimizer():
         assert all(np.isfinite(a).all() for a in h) and sum(a.sum() for a in h) > 0
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_refresh_is_due_once_per_gradient_accumulation_window():
+    variable = keras.Variable(np.ones((2,), "float32"))
+    optimizer = sophia_tf.SophiaG(hessian_interval=2, gradient_accumulation_steps=3)
+    optimizer.build([variable])
+    due = []
+    for _ in range(12):  # 4 real steps of 3 micro-batches
+        due.append(bool(optimizer.hessian_refresh_due()))
+        optimizer.apply_gradients([(tf.ones((2,)), variable)])
+    assert int(optimizer.iterations) == 4
+    assert [i for i, d in enumerate(due) if d] == [0, 6]  # after 0 and 2 real steps
