@@ -53,6 +53,7 @@ MODES = {"graph": dict(jit_compile=False), "jit": dict(jit_compile=True),
 @pytest.mark.parametrize("cls,refresh_at_start,mode", [
     (sophia_tf.SophiaG, True, "graph"), (sophia_tf.SophiaG, True, "jit"),
     (sophia_tf.SophiaG, False, "eager"), (sophia_tf.SophiaH, False, "graph"),
+    (sophia_tf.SophiaH, True, "jit"),
 ])
 def test_fit_refreshes_the_hessian_on_schedule(cls, refresh_at_start, mode):
     k = 3
