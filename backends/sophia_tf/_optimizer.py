@@ -127,11 +127,9 @@ class Sophia(keras.optimizers.Optimizer):
     ):
         weight_decay = 0.0 if weight_decay is None else weight_decay
         # One validation, the core's (a schedule learning rate is the host's).
+        given = locals()
         hyperparameters = Hyperparameters(
-            lr=learning_rate, b1=beta_1, b2=beta_2, gamma=gamma,
-            weight_decay=weight_decay, eps=epsilon, clip_threshold=clip_threshold,
-            hessian_interval=hessian_interval, refresh_at_start=refresh_at_start,
-            bias_correction=bias_correction, maximize=maximize,
+            **{core: given[keras_name] for core, keras_name in KERAS_NAMES.items()}
         )
         super().__init__(
             learning_rate=learning_rate,
