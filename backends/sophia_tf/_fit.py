@@ -97,8 +97,9 @@ def refresh_hessian(model: Any, optimizer: Sophia, x: Any, y: Any = None,
     # Communication cannot sit inside tf.cond under MirroredStrategy: compute
     # locally under the condition, then reduce and fold (masked) every step.
     def zeros():
-        return [tf.zeros(v.shape, sophia_core.compute_dtype(v.dtype, xp=xp)) for v in variables] \
-            + ([tf.constant(0.0, tf.float64)] if optimizer.estimator == "gnb" else [])
+        if optimizer.estimator == "gnb":  # gradients in the variables' dtypes, and N
+            return [tf.zeros(v.shape, v.dtype) for v in variables] + [tf.constant(0.0, tf.float64)]
+        return [tf.zeros(v.shape, sophia_core.compute_dtype(v.dtype, xp=xp)) for v in variables]
 
     parts = tf.cond(due, local, zeros)
     optimizer._fold_hessian(finish(parts), where=due)
