@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
 import sophia_tf  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -15,6 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
 import sophia_tf  # noqa: E402
 
 

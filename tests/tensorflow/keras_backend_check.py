@@ -9,9 +9,9 @@ import sys
 
 import keras
 import numpy as np
-import sophia_tf
 
 import sophia_core
+import sophia_tf
 
 assert "tensorflow" not in sys.modules, "sophia_tf imported TensorFlow"
 rng = np.random.default_rng(0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sophia_tf
 from tf_support import keras, numpy_of, tf
 
 import sophia_core
+import sophia_tf
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((6, 5, 3))

@@ -7,8 +7,9 @@ import runpy
 
 import numpy as np
 import pytest
-import sophia_tf
 from tf_support import LOGICAL_CPUS, bitwise_equal, keras, numpy_of, tf
+
+import sophia_tf
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sophia_tf import tf_namespace
 from tf_support import bitwise_equal, numpy_of, tf
 
 import sophia_core
 from sophia_core import SophiaState
+from sophia_tf import tf_namespace
 
 
 def test_shim_provides_exactly_the_core_functions():

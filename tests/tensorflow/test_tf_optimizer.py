@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sophia_tf
 from tf_support import bitwise_equal, keras, numpy_of, tf
 
 import sophia_core
+import sophia_tf
 
 STEPS = 5
 SHAPES = [(3, 4), (4,)]

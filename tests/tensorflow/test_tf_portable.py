@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-import sophia_tf
 from tf_support import bitwise_equal, keras, tf
+
+import sophia_tf
 
 
 class _PortableState(NamedTuple):
