@@ -1,0 +1,518 @@
+"""Sophia as a ``torch.optim.Optimizer`` over :mod:`sophia_core`.
+
+The arithmetic is :func:`sophia_core.sophia_update` and
+:func:`sophia_core.hessian_ema`; this module supplies state containers
+(``self.state``), in-place writes into parameters, the step counter, the
+refresh schedule bookkeeping and the multi-tensor fast path.
+
+**The fast path** (``foreach=True``, the default in eager mode): the core
+runs on *buckets* of at most :data:`CHUNK` elements instead of once per
+tensor. Large tensors are cut into contiguous views (no copy); small ones
+are concatenated into one buffer per bucket and scattered back with
+``torch._foreach_copy_``. Every temporary the core allocates then stays in
+cache, and a model of 2,000 small tensors costs tens of core calls rather
+than thousands. The arithmetic per element is the core's own, so the result
+is bitwise the same as ``foreach=False`` (one core call per tensor), which
+is what runs under ``torch.compile`` (Inductor fuses it) and for tensor
+subclasses such as FSDP2's ``DTensor``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import array_api_compat.torch as xp
+import torch
+from torch.optim import Optimizer
+
+import sophia_core
+from sophia_core import SophiaState, hessian_ema, init_state, refresh_due, sophia_update
+
+__all__ = ["CHUNK", "Sophia", "SophiaG", "SophiaH"]
+
+#: Elements per core call on the fast path. 2**16 float32 elements (256 KiB)
+#: per temporary keeps the core's intermediates in L2; measured on the
+#: project's machine (docs/frameworks/torch.md).
+CHUNK = 1 << 16
+
+# torch spelling -> core spelling, for the group keys that differ.
+_GROUP_TO_CORE = {"gamma": "gamma", "weight_decay": "weight_decay", "eps": "eps",
+                  "clip_threshold": "clip_threshold", "bias_correction": "bias_correction",
+                  "maximize": "maximize"}
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Validate one param group's hyperparameters with the core's checks."""
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("lr as a Tensor must have one element")
+        lr = float(lr)
+    values = {"lr": lr, "b1": betas[0], "b2": betas[1]}
+    for key, core_name in _GROUP_TO_CORE.items():
+        if key in group:
+            values[core_name] = group[key]
+    if "rho" in group:  # SophiaG spells gamma "rho" (the authors' name)
+        values["gamma"] = group["rho"]
+    sophia_core.validate_hyperparameters(**values)
+
+
+def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError(
+            "Sophia does not support sparse gradients; use a dense embedding "
+            "(nn.Embedding(sparse=False)) or a sparse optimizer for that parameter"
+        )
+    if torch.is_complex(p):
+        raise RuntimeError(
+            "Sophia does not support complex parameters (the clipped Newton step is "
+            "defined per real coordinate); optimize torch.view_as_real(p) instead"
+        )
+
+
+def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A dense strided tensor the fast path may view or concatenate."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
+class Sophia(Optimizer):
+    r"""Sophia (Liu et al., 2024) for PyTorch: the core's update, in place.
+
+    The update and its math are :func:`sophia_core.sophia_update` (see its
+    docstring); the Hessian EMA is :func:`sophia_core.hessian_ema`. This class
+    maps torch's spelling to the core's: ``betas = (b1, b2)``; the rest keep
+    the core's names.
+
+    Args:
+        params: parameters or param groups (every hyperparameter below except
+            ``hessian_interval`` / ``refresh_at_start`` may differ per group).
+        lr, betas, gamma, weight_decay, eps, clip_threshold, bias_correction,
+            maximize: as in :class:`sophia_core.Hyperparameters`.
+        hessian_interval, refresh_at_start: the refresh schedule read by
+            :meth:`hessian_refresh_due` (the caller computes the estimate and
+            calls :meth:`update_hessian`).
+        foreach: run the core on buckets of :data:`CHUNK` elements (default
+            ``None``: yes, except under ``torch.compile`` and for tensor
+            subclasses, which take one core call per tensor). Bitwise the
+            same result either way.
+        state_dtype: dtype of ``m`` and ``h``; default: the parameter's for
+            float32/float64, float32 for bfloat16/float16.
+
+    State per parameter: ``"m"``, ``"h"`` (tensors of the parameter's shape)
+    and ``"step"``, a Python ``int`` counting the steps this parameter took.
+    The refresh schedule counts completed optimizer steps: the largest
+    ``"step"`` of any parameter.
+
+    Example::
+
+        >>> import torch, sophia_torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sophia_torch.Sophia(model.parameters(), lr=1e-3)
+        >>> x = torch.randn(8, 4)
+        >>> logits = model(x)
+        >>> params = list(model.parameters())
+        >>> if opt.hessian_refresh_due():
+        ...     hhats = sophia_torch.gnb_hessian(logits, params, retain_graph=True)
+        ...     opt.update_hessian(hhats)
+        >>> loss = torch.nn.functional.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+        >>> sorted(opt.state[model.weight])
+        ['h', 'm', 'step']
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = sophia_core.DEFAULTS["lr"],
+        betas: tuple[float, float] = (sophia_core.DEFAULTS["b1"], sophia_core.DEFAULTS["b2"]),
+        gamma: float = sophia_core.DEFAULTS["gamma"],
+        weight_decay: float = sophia_core.DEFAULTS["weight_decay"],
+        eps: float = sophia_core.DEFAULTS["eps"],
+        clip_threshold: float = sophia_core.DEFAULTS["clip_threshold"],
+        hessian_interval: int = sophia_core.DEFAULTS["hessian_interval"],
+        refresh_at_start: bool = sophia_core.DEFAULTS["refresh_at_start"],
+        bias_correction: bool = sophia_core.DEFAULTS["bias_correction"],
+        maximize: bool = sophia_core.DEFAULTS["maximize"],
+        *,
+        foreach: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), gamma=gamma, weight_decay=weight_decay, eps=eps,
+            clip_threshold=clip_threshold, bias_correction=bias_correction,
+            maximize=maximize, foreach=foreach,
+        )
+        self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
+
+    def _init(self, params: Iterable[Any], defaults: dict[str, Any], hessian_interval: int,
+              refresh_at_start: bool, state_dtype: torch.dtype | None) -> None:
+        sophia_core.validate_hyperparameters(
+            hessian_interval=hessian_interval, refresh_at_start=refresh_at_start)
+        _validate_group(defaults)
+        if state_dtype is not None and not state_dtype.is_floating_point:
+            raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype}")
+        self.hessian_interval = hessian_interval
+        self.refresh_at_start = refresh_at_start
+        self.state_dtype = state_dtype
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1])
+
+    # -- schedule -------------------------------------------------------------
+
+    @property
+    def completed_steps(self) -> int:
+        """Optimizer steps taken so far (the largest per-parameter ``"step"``)."""
+        return max((int(s.get("step", 0)) for s in self.state.values()), default=0)
+
+    def hessian_refresh_due(self) -> bool:
+        """Whether the schedule asks for a Hessian refresh before the next step.
+
+        :func:`sophia_core.refresh_due` on :attr:`completed_steps`.
+        """
+        return bool(refresh_due(self.completed_steps, hessian_interval=self.hessian_interval,
+                                refresh_at_start=self.refresh_at_start))
+
+    # -- state ----------------------------------------------------------------
+
+    def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "m" not in state:
+            m, h = init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
+            state["step"] = int(state.get("step", 0))
+            state["m"], state["h"] = m, h
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, keeping the saved dtype of ``m`` and ``h``.
+
+        torch casts floating state to the parameter's dtype, which would round a
+        bf16 parameter's float32 state to bf16 and break bitwise resumption.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
+        Optimizer.load_state_dict(self, state_dict)
+        for pid, p in zip(saved_ids, _all_params(self), strict=False):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            state = self.state[p]
+            for key in ("m", "h"):
+                value = saved.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype != state[key].dtype:
+                    state[key] = value.to(device=p.device, copy=True)
+            if "step" in state:
+                state["step"] = int(state["step"])
+
+    # -- portable state (sophia_core.portable: npz, no pickle) -------------------
+
+    def export_state(self, path: Any) -> None:
+        """Write step, ``m`` and ``h`` of every parameter to a portable file.
+
+        Parameters in ``param_groups`` order; a parameter with no state yet
+        is written as zeros. Hyperparameters are those of the first group in
+        the core's spelling (schedules resolved to the current number).
+        """
+        from sophia_core import portable
+
+        ms, hs = [], []
+        for p in _all_params(self):
+            state = self.state.get(p)
+            if state and "m" in state:
+                m, h = state["m"], state["h"]
+            else:
+                m, h = init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
+            ms.append(m.detach().cpu().numpy())
+            hs.append(h.detach().cpu().numpy())
+        portable.save_state(path, step=self.completed_steps, ms=ms, hs=hs,
+                            hyperparameters=self._core_hyperparameters())
+
+    @torch.no_grad()
+    def import_state(self, path: Any) -> None:
+        """Load step, ``m`` and ``h`` from a portable file (any backend wrote it).
+
+        Shapes are checked against this optimizer's parameters; state keeps
+        the dtype this optimizer would use (float32 for bf16/fp16 params).
+        """
+        from sophia_core import portable
+
+        params = _all_params(self)
+        loaded = portable.load_state(path, expect_shapes=[tuple(p.shape) for p in params])
+        for p, m, h in zip(params, loaded.ms, loaded.hs, strict=True):
+            state = self.state[p]
+            state.clear()
+            state["step"] = 0
+            fresh = self._state_for(p)
+            fresh["m"].copy_(torch.from_numpy(m))
+            fresh["h"].copy_(torch.from_numpy(h))
+            fresh["step"] = int(loaded.step)
+
+    def _core_hyperparameters(self) -> dict[str, Any]:
+        group = self.param_groups[0]
+        lr = group["lr"]
+        values = {
+            "lr": float(lr), "b1": float(group["betas"][0]), "b2": float(group["betas"][1]),
+            "gamma": float(self._gamma_for_export(group)),
+            "weight_decay": float(group["weight_decay"]), "eps": float(group["eps"]),
+            "clip_threshold": float(group["clip_threshold"]),
+            "hessian_interval": self.hessian_interval,
+            "refresh_at_start": self.refresh_at_start,
+            "bias_correction": bool(group["bias_correction"]),
+            "maximize": bool(group["maximize"]),
+        }
+        return values
+
+    def _gamma_for_export(self, group: dict[str, Any]) -> float:
+        return group["gamma"]
+
+    # -- the Hessian EMA --------------------------------------------------------
+
+    @torch.no_grad()
+    def update_hessian(self, hhats: Sequence[torch.Tensor | None]) -> None:
+        """Fold ``hhats`` into ``h`` with :func:`sophia_core.hessian_ema`, now.
+
+        ``hhats`` is parallel to ``[p for g in opt.param_groups for p in
+        g["params"]]``; ``None`` leaves that parameter's ``h`` unchanged.
+        Whether a refresh is due is the caller's decision
+        (:meth:`hessian_refresh_due`).
+        """
+        params = _all_params(self)
+        hhats = list(hhats)
+        if len(hhats) != len(params):
+            raise ValueError(
+                f"update_hessian got {len(hhats)} estimates for {len(params)} parameters "
+                "(one per parameter, in param_groups order; None to skip one)")
+        index = 0
+        for group in self.param_groups:
+            b2 = group["betas"][1]
+            for p in group["params"]:
+                hhat = hhats[index]
+                index += 1
+                if hhat is None:
+                    continue
+                if torch.is_complex(p):
+                    _check_grad(p, hhat)
+                h = self._state_for(p)["h"]
+                h.copy_(hessian_ema(h, hhat.detach(), b2=b2, xp=xp))
+
+    # -- the step ----------------------------------------------------------------
+
+    def _gamma(self, group: dict[str, Any]) -> float:
+        return group["gamma"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Sophia step on every parameter that has a ``.grad``."""
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group, self._gamma(group))
+        return loss
+
+    def _step_group(self, group: dict[str, Any], gamma: Any) -> None:
+        b1 = group["betas"][0]
+        kwargs = dict(
+            lr=group["lr"], b1=b1, gamma=gamma, weight_decay=group["weight_decay"],
+            eps=group["eps"], clip_threshold=group["clip_threshold"],
+            bias_correction=group["bias_correction"], maximize=group["maximize"],
+        )
+        foreach = group.get("foreach")
+        compiling = torch.compiler.is_compiling()
+        if foreach is None:
+            foreach = not compiling
+        buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, ...]]] = {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            _check_grad(p, grad)
+            state = self._state_for(p)
+            state["step"] += 1
+            step = state["step"]
+            m, h = state["m"], state["h"]
+            if foreach and not compiling and _plain(p) and _plain(grad):
+                key = (p.device, p.dtype, grad.dtype, m.dtype, step)
+                buckets.setdefault(key, []).append((p, grad, m, h))
+            else:
+                _update(p, grad, m, h, step=step, **kwargs)
+        for key, members in buckets.items():
+            _update_many(members, step=key[-1], **kwargs)
+
+
+def _update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, h: torch.Tensor, *,
+            step: int, **kwargs: Any) -> None:
+    """One core call; write the new parameter and momentum in place."""
+    new_p, new_state = sophia_update(p, grad, SophiaState(m, h), step=step, xp=xp, **kwargs)
+    p.copy_(new_p)
+    m.copy_(new_state.m)
+
+
+def _update_many(members: list[tuple[torch.Tensor, ...]], *, step: int, **kwargs: Any) -> None:
+    """The fast path: the core on buckets of at most CHUNK elements."""
+    small: list[tuple[torch.Tensor, ...]] = []
+    small_size = 0
+    for tensors in members:
+        n = tensors[0].numel()
+        if n >= CHUNK and all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            for start in range(0, n, CHUNK):
+                _update(*(t[start:start + CHUNK] for t in flat), step=step, **kwargs)
+            continue
+        small.append(tensors)
+        small_size += n
+        if small_size >= CHUNK:
+            _update_concatenated(small, step=step, **kwargs)
+            small, small_size = [], 0
+    if small:
+        _update_concatenated(small, step=step, **kwargs)
+
+
+def _update_concatenated(members: list[tuple[torch.Tensor, ...]], *, step: int,
+                         **kwargs: Any) -> None:
+    if len(members) == 1:
+        _update(*members[0], step=step, **kwargs)
+        return
+    params, grads, ms, hs = zip(*members, strict=True)
+    flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (params, grads, ms, hs)]
+    _update(*flat, step=step, **kwargs)
+    sizes = [t.numel() for t in params]
+    torch._foreach_copy_(list(params), [v.view_as(p) for v, p in
+                                        zip(flat[0].split(sizes), params, strict=True)])
+    torch._foreach_copy_(list(ms), [v.view_as(m) for v, m in
+                                    zip(flat[2].split(sizes), ms, strict=True)])
+
+
+class SophiaH(Sophia):
+    """Sophia-H: :class:`Sophia` plus its Hutchinson estimator.
+
+    ``update_hessian(loss=loss)`` estimates hhat with
+    :func:`sophia_torch.hutchinson_hessian` (``n_probes`` probes of kind
+    ``probe`` drawn from ``generator``) and folds it; ``loss`` must have been
+    computed with a graph (no ``torch.no_grad``). ``update_hessian(hhats)``
+    folds given estimates, as in :class:`Sophia`. ``.grad`` is not touched.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.965, 0.99), gamma: float = 0.04,
+                 weight_decay: float = 0.1, eps: float = 1e-12, clip_threshold: float = 1.0,
+                 hessian_interval: int = 10, refresh_at_start: bool = True,
+                 bias_correction: bool = False, maximize: bool = False, *,
+                 n_probes: int = 1, probe: str = "gaussian",
+                 generator: torch.Generator | None = None,
+                 foreach: bool | None = None, state_dtype: torch.dtype | None = None) -> None:
+        sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
+        self.n_probes = n_probes
+        self.probe = probe
+        self.generator = generator
+        super().__init__(params, lr, betas, gamma, weight_decay, eps, clip_threshold,
+                         hessian_interval, refresh_at_start, bias_correction, maximize,
+                         foreach=foreach, state_dtype=state_dtype)
+
+    def update_hessian(self, hhats: Sequence[torch.Tensor | None] | None = None, *,
+                       loss: torch.Tensor | None = None) -> None:
+        """Fold ``hhats``, or a Hutchinson estimate of ``loss``'s Hessian diagonal."""
+        if (hhats is None) == (loss is None):
+            raise TypeError("update_hessian takes exactly one of hhats or loss=")
+        if loss is not None:
+            from ._estimators import hutchinson_hessian
+
+            hhats = hutchinson_hessian(loss, _all_params(self), n_probes=self.n_probes,
+                                       probe=self.probe, generator=self.generator)
+        super().update_hessian(hhats)
+
+
+class SophiaG(Sophia):
+    """Drop-in for the authors' ``SophiaG`` (PyPI ``sophia-opt``), on the core.
+
+    Same signature and loop: ``step(closure=None, bs=5120)`` and
+    ``update_hessian()`` with no arguments, which folds ``p.grad**2`` (call
+    it after the backward of the sampled-label loss, as their loop does).
+    Their state is :math:`h = \\mathrm{EMA}(\\hat g^2)` and their step divides
+    by ``rho*bs*h + 1e-15``; this class runs :func:`sophia_core.sophia_update`
+    with ``gamma = rho*bs`` and ``eps = 1e-15``, i.e. ``max(rho*bs*h, 1e-15)``,
+    which equals theirs to float32 rounding for ``h >= 0`` (it never walks
+    uphill when a given ``h`` is negative). ``h`` stays in the authors' scale
+    (N = 1 in :func:`sophia_core.gnb_estimate`; ``bs`` carries N).
+
+    Extra keyword-only arguments (defaults reproduce the authors' code):
+    ``eps=1e-15``, ``clip_threshold=1``, ``hessian_interval=10`` with
+    ``refresh_at_start=False`` (for :meth:`hessian_refresh_due`),
+    ``bias_correction=False``, ``foreach``, ``state_dtype``. ``capturable``
+    is accepted for compatibility and has no effect (the step counter is a
+    Python int; nothing syncs). ``load_state_dict`` also reads the authors'
+    checkpoints (keys ``exp_avg``, ``hessian``, tensor ``step``).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
+                 weight_decay: float = 1e-1, *, maximize: bool = False,
+                 capturable: bool = False, eps: float = 1e-15, clip_threshold: float = 1.0,
+                 hessian_interval: int = 10, refresh_at_start: bool = False,
+                 bias_correction: bool = False, foreach: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
+            clip_threshold=clip_threshold, bias_correction=bias_correction,
+            maximize=maximize, capturable=capturable, foreach=foreach,
+        )
+        self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
+
+    def _gamma(self, group: dict[str, Any]) -> float:
+        return group["rho"] * self._bs
+
+    def _gamma_for_export(self, group: dict[str, Any]) -> float:
+        # h is in the authors' scale (EMA of ghat**2): gamma is rho per position.
+        return group["rho"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, bs: int | float = 5120) -> Any:
+        """One step; the denominator is ``max(rho*bs*h, eps)``."""
+        if isinstance(bs, torch.Tensor):
+            bs = bs.item()
+        if not (isinstance(bs, (int, float)) and math.isfinite(bs) and bs > 0):
+            raise ValueError(f"bs (the number of label positions N) must be > 0, got {bs!r}")
+        self._bs = bs
+        return self._step(closure)
+
+    @torch.no_grad()
+    def update_hessian(self, hhats: Sequence[torch.Tensor | None] | None = None) -> None:
+        """With no argument, fold ``p.grad**2`` (the authors' behaviour).
+
+        Given ``hhats``, fold those instead (in the authors' scale: the step
+        multiplies ``h`` by ``rho*bs``).
+        """
+        if hhats is None:
+            hhats = [
+                None if p.grad is None else sophia_core.gnb_estimate(p.grad, 1, xp=xp)
+                for p in _all_params(self)
+            ]
+        super().update_hessian(hhats)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        renamed = {"exp_avg": "m", "hessian": "h"}
+        state = {}
+        for pid, s in state_dict["state"].items():
+            s = {renamed.get(k, k): v for k, v in s.items()}
+            if isinstance(s.get("step"), torch.Tensor):
+                s["step"] = int(s["step"].item())
+            state[pid] = s
+        super().load_state_dict({**state_dict, "state": state})
