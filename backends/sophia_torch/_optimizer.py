@@ -169,8 +169,9 @@ class Sophia(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            _validate_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1])
 
     # -- schedule -------------------------------------------------------------
 
