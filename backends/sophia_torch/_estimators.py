@@ -144,6 +144,7 @@ def hutchinson_hessian(
     noise: Sequence[Sequence[torch.Tensor]] | None = None,
     all_reduce: bool | None = None,
     group: Any = None,
+    retain_graph: bool = False,
 ) -> list[torch.Tensor | None]:
     """Sophia-H's ``hhat = mean_j u_j * (H u_j)`` for every parameter in ``params``.
 
@@ -154,6 +155,7 @@ def hutchinson_hessian(
     (``"rademacher"``) noise drawn from ``generator``, or of ``noise[j][i]``
     for probe j and parameter i when given. The estimate is
     :func:`sophia_core.hutchinson_estimate`; it can be negative.
+    ``retain_graph=True`` keeps ``loss``'s graph for a later ``backward``.
     """
     sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
     if noise is not None and len(noise) != n_probes:
@@ -176,7 +178,7 @@ def hutchinson_hessian(
             us.append(u)
             probes[k].append(u)
         hu = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
-                                 grad_outputs=us, retain_graph=j < n_probes - 1,
+                                 grad_outputs=us, retain_graph=retain_graph or j < n_probes - 1,
                                  allow_unused=True)
         for k, (u, h) in enumerate(zip(us, hu, strict=True)):
             hvps[k].append(torch.zeros_like(u) if h is None else h.detach())

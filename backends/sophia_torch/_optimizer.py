@@ -429,15 +429,19 @@ class SophiaH(Sophia):
                          foreach=foreach, state_dtype=state_dtype)
 
     def update_hessian(self, hhats: Sequence[torch.Tensor | None] | None = None, *,
-                       loss: torch.Tensor | None = None) -> None:
-        """Fold ``hhats``, or a Hutchinson estimate of ``loss``'s Hessian diagonal."""
+                       loss: torch.Tensor | None = None, retain_graph: bool = False) -> None:
+        """Fold ``hhats``, or a Hutchinson estimate of ``loss``'s Hessian diagonal.
+
+        ``retain_graph=True`` keeps ``loss``'s graph for the training backward.
+        """
         if (hhats is None) == (loss is None):
             raise TypeError("update_hessian takes exactly one of hhats or loss=")
         if loss is not None:
             from ._estimators import hutchinson_hessian
 
             hhats = hutchinson_hessian(loss, _all_params(self), n_probes=self.n_probes,
-                                       probe=self.probe, generator=self.generator)
+                                       probe=self.probe, generator=self.generator,
+                                       retain_graph=retain_graph)
         super().update_hessian(hhats)
 
 
