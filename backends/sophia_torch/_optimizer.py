@@ -80,6 +80,13 @@ def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _step_tensor(value: Any) -> torch.Tensor:
+    """A step count as AdamW keeps it: a float32 scalar tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=torch.float32).reshape(())
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 def _plain(t: torch.Tensor) -> bool:
     """A dense strided tensor the fast path may view or concatenate."""
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
@@ -109,7 +116,10 @@ class Sophia(Optimizer):
             float32/float64, float32 for bfloat16/float16.
 
     State per parameter: ``"m"``, ``"h"`` (tensors of the parameter's shape)
-    and ``"step"``, a Python ``int`` counting the steps this parameter took.
+    and ``"step"``, a float32 CPU scalar tensor counting the steps this
+    parameter took (as ``torch.optim.AdamW``: ``torch.compile`` does not
+    recompile as it changes; eager steps hand the core ``int(step)``, so the
+    bias correction is computed in double precision like every backend's).
     The refresh schedule counts completed optimizer steps: the largest
     ``"step"`` of any parameter.
 
@@ -194,7 +204,7 @@ class Sophia(Optimizer):
         state = self.state[p]
         if "m" not in state:
             m, h = init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
-            state["step"] = int(state.get("step", 0))
+            state["step"] = _step_tensor(state.get("step", 0))
             state["m"], state["h"] = m, h
         return state
 
@@ -217,7 +227,7 @@ class Sophia(Optimizer):
                 if isinstance(value, torch.Tensor) and value.dtype != state[key].dtype:
                     state[key] = value.to(device=p.device, copy=True)
             if "step" in state:
-                state["step"] = int(state["step"])
+                state["step"] = _step_tensor(state["step"])
 
     # -- portable state (sophia_core.portable: npz, no pickle) -------------------
 
@@ -256,11 +266,11 @@ class Sophia(Optimizer):
         for p, m, h in zip(params, loaded.ms, loaded.hs, strict=True):
             state = self.state[p]
             state.clear()
-            state["step"] = 0
+            state["step"] = _step_tensor(0)
             fresh = self._state_for(p)
             fresh["m"].copy_(torch.from_numpy(m))
             fresh["h"].copy_(torch.from_numpy(h))
-            fresh["step"] = int(loaded.step)
+            fresh["step"] = _step_tensor(loaded.step)
 
     def _core_hyperparameters(self) -> dict[str, Any]:
         group = self.param_groups[0]
@@ -348,7 +358,9 @@ class Sophia(Optimizer):
             _check_grad(p, grad)
             state = self._state_for(p)
             state["step"] += 1
-            step = state["step"]
+            # Eager: the core gets a Python int (bias correction in double, as
+            # on every backend). Compiled: the tensor itself (no recompiles).
+            step = state["step"] if compiling else int(state["step"])
             m, h = state["m"], state["h"]
             if foreach and not compiling and _plain(p) and _plain(grad):
                 key = (p.device, p.dtype, grad.dtype, m.dtype, step)
@@ -517,7 +529,5 @@ class SophiaG(Sophia):
         state = {}
         for pid, s in state_dict["state"].items():
             s = {renamed.get(k, k): v for k, v in s.items()}
-            if isinstance(s.get("step"), torch.Tensor):
-                s["step"] = int(s["step"].item())
             state[pid] = s
         super().load_state_dict({**state_dict, "state": state})
