@@ -31,12 +31,15 @@ from torch.optim import Optimizer
 import sophia_core
 from sophia_core import SophiaState, hessian_ema, init_state, refresh_due, sophia_update
 
-__all__ = ["CHUNK", "Sophia", "SophiaG", "SophiaH"]
+__all__ = ["CHUNK", "FUSED_CHUNK", "Sophia", "SophiaG", "SophiaH"]
 
-#: Elements per core call on the fast path. 2**16 float32 elements (256 KiB)
-#: per temporary keeps the core's intermediates in L2; measured on the
+#: Elements per core call on the fast path. 2**17 float32 elements (512 KiB)
+#: per temporary keeps the core's intermediates in cache; measured on the
 #: project's machine (docs/frameworks/torch.md).
-CHUNK = 1 << 16
+CHUNK = 1 << 17
+#: Elements per compiled call with ``fused=True`` (no temporaries to keep in
+#: cache: the compiled kernel reads p, g, m, h once and writes p, m once).
+FUSED_CHUNK = 1 << 22
 
 # torch spelling -> core spelling, for the group keys that differ.
 _GROUP_TO_CORE = {"gamma": "gamma", "weight_decay": "weight_decay", "eps": "eps",
@@ -157,12 +160,13 @@ class Sophia(Optimizer):
         maximize: bool = sophia_core.DEFAULTS["maximize"],
         *,
         foreach: bool | None = None,
+        fused: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), gamma=gamma, weight_decay=weight_decay, eps=eps,
             clip_threshold=clip_threshold, bias_correction=bias_correction,
-            maximize=maximize, foreach=foreach,
+            maximize=maximize, foreach=foreach, fused=fused,
         )
         self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
 
@@ -335,21 +339,27 @@ class Sophia(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group, self._gamma(group))
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, self._gamma(group))
         return loss
 
-    def _step_group(self, group: dict[str, Any], gamma: Any) -> None:
-        b1 = group["betas"][0]
+    def _step_group(self, index: int, group: dict[str, Any], gamma: Any) -> None:
         kwargs = dict(
-            lr=group["lr"], b1=b1, gamma=gamma, weight_decay=group["weight_decay"],
-            eps=group["eps"], clip_threshold=group["clip_threshold"],
+            lr=group["lr"], b1=group["betas"][0], gamma=gamma,
+            weight_decay=group["weight_decay"], eps=group["eps"],
+            clip_threshold=group["clip_threshold"],
             bias_correction=group["bias_correction"], maximize=group["maximize"],
         )
-        foreach = group.get("foreach")
         compiling = torch.compiler.is_compiling()
-        if foreach is None:
-            foreach = not compiling
+        foreach = group.get("foreach")
+        foreach = (not compiling) if foreach is None else (foreach and not compiling)
+        flats = self.__dict__.setdefault("_flat", {})
+        if foreach:
+            flat = flats.get(index)
+            if flat is not None and flat.ready(group["params"], self.state):
+                flat.step(fused=bool(group.get("fused")), **kwargs)
+                return
+            flats.pop(index, None)
         buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, ...]]] = {}
         for p in group["params"]:
             grad = p.grad
@@ -362,13 +372,127 @@ class Sophia(Optimizer):
             # on every backend). Compiled: the tensor itself (no recompiles).
             step = state["step"] if compiling else int(state["step"])
             m, h = state["m"], state["h"]
-            if foreach and not compiling and _plain(p) and _plain(grad):
-                key = (p.device, p.dtype, grad.dtype, m.dtype, step)
+            if foreach and _plain(p) and _plain(grad):
+                # The step count enters the math only through the bias correction.
+                key = (p.device, p.dtype, grad.dtype, m.dtype,
+                       step if group["bias_correction"] else 0)
                 buckets.setdefault(key, []).append((p, grad, m, h))
             else:
                 _update(p, grad, m, h, step=step, **kwargs)
         for key, members in buckets.items():
-            _update_many(members, step=key[-1], **kwargs)
+            _update_many(members, step=key[-1] if group["bias_correction"] else 1, **kwargs)
+        if foreach and len(buckets) == 1:
+            members = next(iter(buckets.values()))
+            if len(members) == len(group["params"]) and _FlatLayout.fits(members):
+                chunk = FUSED_CHUNK if group.get("fused") else CHUNK
+                flats[index] = _FlatLayout(group["params"], self.state, chunk)
+
+
+class _FlatLayout:
+    """One param group's parameters, ``m`` and ``h`` viewed into three flat buffers.
+
+    Built after a step in which every parameter of the group had a dense
+    gradient of one device and dtype; from then on a step runs the core on
+    :data:`CHUNK`-element slices of the buffers (gradients: views of large
+    ones, one ``torch.cat`` per run of small ones), with no other per-tensor
+    work.
+    ``p.data`` becomes a view into the buffer (``p``, its ``.grad`` and
+    autograd are unaffected); ``state[p]["m"]``/``["h"]`` become views too,
+    so memory stays 2x the parameters. Anything that replaces one of these
+    tensors (``load_state_dict``, ``p.data = ...``) or a step where some
+    parameter has no gradient sends the group back to the bucketed path,
+    which rebuilds the layout.
+    """
+
+    def __init__(self, params: list[torch.Tensor], states: Any, chunk: int) -> None:
+        self.params = list(params)
+        sizes = [p.numel() for p in self.params]
+        self.size = sum(sizes)
+        self.param = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.m = torch.cat([states[p]["m"].reshape(-1) for p in self.params])
+        self.h = torch.cat([states[p]["h"].reshape(-1) for p in self.params])
+        self.steps = [states[p]["step"] for p in self.params]
+        self.plan = _plan(sizes, chunk)
+        self.ms, self.hs, self.pointers = [], [], []
+        for p, pv, mv, hv in zip(self.params, self.param.split(sizes), self.m.split(sizes),
+                                 self.h.split(sizes), strict=True):
+            p.data = pv.view(p.shape)
+            states[p]["m"] = mv.view(p.shape)
+            states[p]["h"] = hv.view(p.shape)
+            self.ms.append(states[p]["m"])
+            self.hs.append(states[p]["h"])
+            self.pointers.append(p.data_ptr())
+
+    @staticmethod
+    def fits(members: list[tuple[torch.Tensor, ...]]) -> bool:
+        """Contiguous tensors and one step count (the bucket key has one)."""
+        return all(t.is_contiguous() for tensors in members for t in tensors)
+
+    def ready(self, params: list[torch.Tensor], states: Any) -> bool:
+        """Same parameters, still our views, every one with a dense gradient."""
+        if len(params) != len(self.params):
+            return False
+        for p, mine, ptr, m, h, step in zip(params, self.params, self.pointers, self.ms,
+                                            self.hs, self.steps, strict=True):
+            grad = p.grad
+            if (p is not mine or grad is None or grad.layout != torch.strided
+                    or p.data_ptr() != ptr):
+                return False
+            state = states[p]
+            if state.get("m") is not m or state.get("h") is not h or state.get("step") is not step:
+                return False
+        return True
+
+    def step(self, *, fused: bool, **kwargs: Any) -> None:
+        torch._foreach_add_(self.steps, 1.0)
+        if fused:
+            # The core compiled by Inductor: one kernel per slice. Numbers that
+            # change between steps go in as tensors (no recompilation); a
+            # float64 0-d tensor rounds to float32 in the kernel exactly as a
+            # Python float does in eager mode.
+            update = _compiled_update()
+            step = self.steps[0]
+            for key in ("lr", "gamma"):
+                kwargs[key] = torch.as_tensor(kwargs[key], dtype=torch.float64)
+        else:
+            update = _update
+            step = int(self.steps[0])
+        grads = [p.grad.reshape(-1) for p in self.params]
+        for start, end, members, offset in self.plan:
+            if len(members) == 1:  # a slice of one parameter: its gradient's view
+                grad = grads[members[0]][offset:offset + end - start]
+            else:  # a run of small parameters: one concatenation
+                grad = torch.cat([grads[i] for i in members])
+            update(self.param[start:end], grad, self.m[start:end], self.h[start:end],
+                   step=step, **kwargs)
+
+
+def _plan(sizes: list[int], chunk: int) -> list[tuple[int, int, list[int], int]]:
+    """Slices of the flat buffer of at most ``chunk`` elements: ``(start, end,
+    parameter indices, offset in the first)``. A large parameter is cut into
+    slices of itself (its gradient is viewed, not copied); consecutive small
+    ones are grouped (their gradients are concatenated)."""
+    plan: list[tuple[int, int, list[int], int]] = []
+    run: list[int] = []
+    run_start = position = 0
+    for i, n in enumerate(sizes):
+        if n >= chunk:
+            if run:
+                plan.append((run_start, position, run, 0))
+                run = []
+            plan.extend((position + a, position + min(a + chunk, n), [i], a)
+                        for a in range(0, n, chunk))
+        else:
+            if run and position + n - run_start > chunk:
+                plan.append((run_start, position, run, 0))
+                run = []
+            if not run:
+                run_start = position
+            run.append(i)
+        position += n
+    if run:
+        plan.append((run_start, position, run, 0))
+    return plan
 
 
 def _update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, h: torch.Tensor, *,
@@ -377,6 +501,16 @@ def _update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, h: torch.Tenso
     new_p, new_state = sophia_update(p, grad, SophiaState(m, h), step=step, xp=xp, **kwargs)
     p.copy_(new_p)
     m.copy_(new_state.m)
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_update() -> Callable[..., None]:
+    """:func:`_update` (the core plus the in-place writes) under ``torch.compile``."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_update, fullgraph=True))
+    return _COMPILED[0]
 
 
 def _update_many(members: list[tuple[torch.Tensor, ...]], *, step: int, **kwargs: Any) -> None:
@@ -431,14 +565,15 @@ class SophiaH(Sophia):
                  bias_correction: bool = False, maximize: bool = False, *,
                  n_probes: int = 1, probe: str = "gaussian",
                  generator: torch.Generator | None = None,
-                 foreach: bool | None = None, state_dtype: torch.dtype | None = None) -> None:
+                 foreach: bool | None = None, fused: bool = False,
+                 state_dtype: torch.dtype | None = None) -> None:
         sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
         self.n_probes = n_probes
         self.probe = probe
         self.generator = generator
         super().__init__(params, lr, betas, gamma, weight_decay, eps, clip_threshold,
                          hessian_interval, refresh_at_start, bias_correction, maximize,
-                         foreach=foreach, state_dtype=state_dtype)
+                         foreach=foreach, fused=fused, state_dtype=state_dtype)
 
     def update_hessian(self, hhats: Sequence[torch.Tensor | None] | None = None, *,
                        loss: torch.Tensor | None = None, retain_graph: bool = False) -> None:
@@ -485,11 +620,11 @@ class SophiaG(Sophia):
                  capturable: bool = False, eps: float = 1e-15, clip_threshold: float = 1.0,
                  hessian_interval: int = 10, refresh_at_start: bool = False,
                  bias_correction: bool = False, foreach: bool | None = None,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 fused: bool = False, state_dtype: torch.dtype | None = None) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
             clip_threshold=clip_threshold, bias_correction=bias_correction,
-            maximize=maximize, capturable=capturable, foreach=foreach,
+            maximize=maximize, capturable=capturable, foreach=foreach, fused=fused,
         )
         self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
 

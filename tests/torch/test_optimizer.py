@@ -262,3 +262,45 @@ def test_refresh_schedule():
             opt.step()
         assert due == expected
         assert sophia_torch.refresh_due(6, hessian_interval=3)
+
+
+def _same_model_twice(shapes):
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    return a, b, gen
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flat_layout_is_bitwise_the_per_tensor_path_and_rebuilds(fused):
+    """After one step a group's tensors are views of flat buffers; a missing
+    gradient or a loaded state_dict falls back and rebuilds, bitwise throughout."""
+    shapes = [(sophia_torch.CHUNK + 5, 2), (7, 3), (11,), (sophia_torch.CHUNK // 2,), (1,)]
+    a, b, gen = _same_model_twice(shapes)
+    flat = sophia_torch.Sophia(a, lr=1e-2, gamma=0.3, hessian_interval=2, fused=fused)
+    plain = sophia_torch.Sophia(b, lr=1e-2, gamma=0.3, hessian_interval=2, foreach=False)
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in (flat, plain)]
+    for t in range(7):
+        hh = [torch.randn(s, generator=gen) for s in shapes]
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+        if t == 4:
+            plain.load_state_dict(plain.state_dict())
+            flat.load_state_dict(flat.state_dict())  # new state tensors: rebuilt next step
+        for ps, opt, sched in zip((a, b), (flat, plain), schedules, strict=True):
+            if opt.hessian_refresh_due():
+                opt.update_hessian(hh)
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.clone()
+            if t == 2:
+                ps[2].grad = None  # one parameter sits out: the flat step does not apply
+            opt.step()
+            sched.step()
+        if t in (1, 6):
+            storages = {p.untyped_storage().data_ptr() for p in a}
+            assert len(storages) == 1  # the parameters live in one buffer
+            assert 0 in flat._flat  # and the flat step applies
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+        assert torch.equal(flat.state[pa]["m"], plain.state[pb]["m"])
+        assert torch.equal(flat.state[pa]["h"], plain.state[pb]["h"])
+        assert int(flat.state[pa]["step"]) == int(plain.state[pb]["step"])
