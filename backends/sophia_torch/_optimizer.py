@@ -5,16 +5,19 @@ The arithmetic is :func:`sophia_core.sophia_update` and
 (``self.state``), in-place writes into parameters, the step counter, the
 refresh schedule bookkeeping and the multi-tensor fast path.
 
-**The fast path** (``foreach=True``, the default in eager mode): the core
-runs on *buckets* of at most :data:`CHUNK` elements instead of once per
-tensor. Large tensors are cut into contiguous views (no copy); small ones
-are concatenated into one buffer per bucket and scattered back with
-``torch._foreach_copy_``. Every temporary the core allocates then stays in
-cache, and a model of 2,000 small tensors costs tens of core calls rather
-than thousands. The arithmetic per element is the core's own, so the result
-is bitwise the same as ``foreach=False`` (one core call per tensor), which
-is what runs under ``torch.compile`` (Inductor fuses it) and for tensor
-subclasses such as FSDP2's ``DTensor``.
+**The fast path** (``foreach=True``, the default in eager mode). After the
+first step, each param group whose parameters share a device and dtype is
+viewed into flat buffers (parameters, ``m``, ``h``; ``p.data`` becomes a view,
+see :class:`_FlatLayout`), and a step runs the core on slices of
+:data:`CHUNK` elements: every temporary the core allocates stays in cache,
+and 2,000 small tensors cost a few dozen core calls instead of thousands.
+Until then (and for groups that do not fit) tensors are grouped into buckets
+of the same size. ``fused=True`` runs the same core call under
+``torch.compile`` (one Inductor kernel per slice). The arithmetic per
+element is always the core's, so every path gives bitwise the result of
+``foreach=False`` (one core call per tensor), which is also what runs under
+``torch.compile`` of the whole step and for tensor subclasses such as
+FSDP2's ``DTensor``.
 """
 
 from __future__ import annotations
@@ -111,10 +114,16 @@ class Sophia(Optimizer):
         hessian_interval, refresh_at_start: the refresh schedule read by
             :meth:`hessian_refresh_due` (the caller computes the estimate and
             calls :meth:`update_hessian`).
-        foreach: run the core on buckets of :data:`CHUNK` elements (default
-            ``None``: yes, except under ``torch.compile`` and for tensor
-            subclasses, which take one core call per tensor). Bitwise the
-            same result either way.
+        foreach: the fast path (module docstring): flat buffers and slices
+            of :data:`CHUNK` elements (default ``None``: yes, except under
+            ``torch.compile`` and for tensor subclasses, which take one core
+            call per tensor). Bitwise the same result either way. Note that
+            it makes ``p.data`` a view into a flat buffer after the first
+            step; pass ``foreach=False`` if other code swaps ``p.data``.
+        fused: run the fast path's core calls under ``torch.compile`` (one
+            kernel per slice; the first step compiles, for seconds; needs a
+            C++ compiler on CPU). Bitwise the same as eager unless
+            ``bias_correction`` (the step count is then a float32 tensor).
         state_dtype: dtype of ``m`` and ``h``; default: the parameter's for
             float32/float64, float32 for bfloat16/float16.
 
@@ -181,6 +190,15 @@ class Sophia(Optimizer):
         self.refresh_at_start = refresh_at_start
         self.state_dtype = state_dtype
         super().__init__(params, defaults)
+
+    #: Attributes beyond torch's defaults/state/param_groups that pickling
+    #: and ``copy.deepcopy`` must keep (the flat layout is rebuilt instead).
+    _CONFIG = ("hessian_interval", "refresh_at_start", "state_dtype", "n_probes", "probe")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._CONFIG if hasattr(self, k)})
+        return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):

@@ -304,3 +304,17 @@ def test_flat_layout_is_bitwise_the_per_tensor_path_and_rebuilds(fused):
         assert torch.equal(flat.state[pa]["m"], plain.state[pb]["m"])
         assert torch.equal(flat.state[pa]["h"], plain.state[pb]["h"])
         assert int(flat.state[pa]["step"]) == int(plain.state[pb]["step"])
+
+
+def test_deepcopy_keeps_the_schedule_and_continues_identically():
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = sophia_torch.SophiaH([p], lr=0.1, hessian_interval=3, refresh_at_start=False,
+                               n_probes=2)
+    for _ in range(2):
+        p.grad = torch.ones(5)
+        opt.step()
+    clone = copy.deepcopy(opt)
+    assert (clone.hessian_interval, clone.refresh_at_start, clone.n_probes) == (3, False, 2)
+    assert clone.completed_steps == 2 and not clone.hessian_refresh_due()
