@@ -40,14 +40,15 @@ __all__ = ["CHUNK", "FUSED_CHUNK", "Sophia", "SophiaG", "SophiaH"]
 #: per temporary keeps the core's intermediates in cache; measured on the
 #: project's machine (docs/frameworks/torch.md).
 CHUNK = 1 << 17
-#: Elements per compiled call with ``fused=True`` (no temporaries to keep in
-#: cache: the compiled kernel reads p, g, m, h once and writes p, m once).
+#: Elements per core call with ``fused=True`` (no temporaries to keep in
+#: cache: the compiled kernel reads p, g, m, h once and writes p, m once) and
+#: on accelerators, where each operation is a kernel launch (not measured on
+#: a GPU yet: the project's machines had none).
 FUSED_CHUNK = 1 << 22
 
-# torch spelling -> core spelling, for the group keys that differ.
-_GROUP_TO_CORE = {"gamma": "gamma", "weight_decay": "weight_decay", "eps": "eps",
-                  "clip_threshold": "clip_threshold", "bias_correction": "bias_correction",
-                  "maximize": "maximize"}
+# Group keys spelled as in the core (torch's ``betas`` and the authors' ``rho``
+# are mapped in _validate_group).
+_CORE_KEYS = ("gamma", "weight_decay", "eps", "clip_threshold", "bias_correction", "maximize")
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -61,9 +62,7 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError("lr as a Tensor must have one element")
         lr = float(lr)
     values = {"lr": lr, "b1": betas[0], "b2": betas[1]}
-    for key, core_name in _GROUP_TO_CORE.items():
-        if key in group:
-            values[core_name] = group[key]
+    values.update({key: group[key] for key in _CORE_KEYS if key in group})
     if "rho" in group:  # SophiaG spells gamma "rho" (the authors' name)
         values["gamma"] = group["rho"]
     sophia_core.validate_hyperparameters(**values)
@@ -89,7 +88,8 @@ def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
 def _step_tensor(value: Any) -> torch.Tensor:
     """A step count as AdamW keeps it: a float32 scalar tensor on the CPU."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device="cpu", dtype=torch.float32).reshape(())
+        # A copy: a loaded state_dict must not share its counter with the source.
+        return value.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
     return torch.tensor(float(value), dtype=torch.float32)
 
 
@@ -398,11 +398,12 @@ class Sophia(Optimizer):
             else:
                 _update(p, grad, m, h, step=step, **kwargs)
         for key, members in buckets.items():
-            _update_many(members, step=key[-1] if group["bias_correction"] else 1, **kwargs)
+            _update_many(members, step=key[-1] if group["bias_correction"] else 1,
+                         chunk=_chunk(key[0], False), **kwargs)
         if foreach and len(buckets) == 1:
             members = next(iter(buckets.values()))
             if len(members) == len(group["params"]) and _FlatLayout.fits(members):
-                chunk = FUSED_CHUNK if group.get("fused") else CHUNK
+                chunk = _chunk(members[0][0].device, bool(group.get("fused")))
                 flats[index] = _FlatLayout(group["params"], self.state, chunk)
 
 
@@ -531,20 +532,27 @@ def _compiled_update() -> Callable[..., None]:
     return _COMPILED[0]
 
 
-def _update_many(members: list[tuple[torch.Tensor, ...]], *, step: int, **kwargs: Any) -> None:
-    """The fast path: the core on buckets of at most CHUNK elements."""
+def _chunk(device: torch.device, fused: bool) -> int:
+    """Slice length: cache-sized on CPU; on accelerators (no cache to fit,
+    a launch per operation) and for compiled kernels, large."""
+    return CHUNK if device.type == "cpu" and not fused else FUSED_CHUNK
+
+
+def _update_many(members: list[tuple[torch.Tensor, ...]], *, step: int, chunk: int,
+                 **kwargs: Any) -> None:
+    """The fast path: the core on buckets of at most ``chunk`` elements."""
     small: list[tuple[torch.Tensor, ...]] = []
     small_size = 0
     for tensors in members:
         n = tensors[0].numel()
-        if n >= CHUNK and all(t.is_contiguous() for t in tensors):
+        if n >= chunk and all(t.is_contiguous() for t in tensors):
             flat = [t.view(-1) for t in tensors]
-            for start in range(0, n, CHUNK):
-                _update(*(t[start:start + CHUNK] for t in flat), step=step, **kwargs)
+            for start in range(0, n, chunk):
+                _update(*(t[start:start + chunk] for t in flat), step=step, **kwargs)
             continue
         small.append(tensors)
         small_size += n
-        if small_size >= CHUNK:
+        if small_size >= chunk:
             _update_concatenated(small, step=step, **kwargs)
             small, small_size = [], 0
     if small:
