@@ -21,8 +21,9 @@ import argparse
 import statistics
 import time
 
-import sophia_torch
 import torch
+
+import sophia_torch
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:

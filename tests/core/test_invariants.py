@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from backend_support import to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import sophia_core as sc
-from backend_support import to_numpy
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 

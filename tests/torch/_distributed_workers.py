@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 
-import sophia_torch
 import torch
 import torch.distributed as dist
+
+import sophia_torch
 
 F = torch.nn.functional
 GLOBAL_BATCH = 8

@@ -8,6 +8,7 @@ from backend_support import require
 
 torch = require("torch")
 import sophia_opt  # noqa: E402  (a test requirement of the torch backend: never skipped)
+
 import sophia_torch  # noqa: E402
 
 F = torch.nn.functional

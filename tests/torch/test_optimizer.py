@@ -9,9 +9,8 @@ import pytest
 from backend_support import require
 
 torch = require("torch")
-import sophia_torch  # noqa: E402
-
 import sophia_core  # noqa: E402
+import sophia_torch  # noqa: E402
 
 SHAPES = [(3, 4), (5,), (2, 3, 2)]
 
