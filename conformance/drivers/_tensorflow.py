@@ -1,0 +1,100 @@
+"""TensorFlow/Keras: ``sophia_tf.SophiaG`` on Keras variables.
+
+``apply_gradients`` and ``update_hessian`` run inside two ``tf.function``s
+(traced once per scenario; eager dispatch per step would dominate the run).
+A schedule is a ``keras.optimizers.schedules.LearningRateSchedule``. State
+is read with ``opt.sophia_slots(variable)`` and ``opt.iterations``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import sophia_tf
+import tensorflow as tf
+
+from ..scenarios import state_dtype
+from . import Driver, Snapshot
+
+
+class _TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The scenario's per-step learning rates, looked up by the iteration count."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = tf.constant(table, dtype=tf.float64)
+
+    def __call__(self, step):
+        return tf.gather(self.table, tf.cast(step, tf.int64))  # float64: Keras casts
+
+    def get_config(self):
+        return {"table": self.table.numpy().tolist()}
+
+
+def _numpy(value) -> np.ndarray:
+    tensor = tf.convert_to_tensor(value)
+    if tensor.dtype == tf.bfloat16:
+        tensor = tf.cast(tensor, tf.float32)
+    return np.array(tensor.numpy(), copy=True)
+
+
+class TensorflowDriver(Driver):
+    name = "tensorflow"
+    devices = ("cpu",)
+
+    def expected_mode(self, scenario, dtype):
+        if scenario.hyperparameters.get("bias_correction"):
+            return ("tolerance", "1 - b1**t with the iteration variable as step runs in "
+                    "the parameter dtype (numpy: Python float64 power, then one rounding)")
+        return super().expected_mode(scenario, dtype)
+
+    def _tensor(self, array, dtype):
+        return tf.cast(tf.constant(np.array(array, dtype=state_dtype(dtype))), dtype)
+
+    def init(self, params, dtype, hyper, learning_rates=None):
+        self.dtype = dtype
+        self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=f"p{i}")
+                          for i, p in enumerate(params)]
+        lr = hyper.lr if learning_rates is None else _TableSchedule(learning_rates)
+        self.opt = sophia_tf.SophiaG(
+            learning_rate=lr, beta_1=hyper.b1, beta_2=hyper.b2, gamma=hyper.gamma,
+            weight_decay=hyper.weight_decay, epsilon=hyper.eps,
+            clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
+            refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
+            maximize=hyper.maximize,
+        )
+        self.opt.build(self.variables)
+        variables, opt = self.variables, self.opt
+
+        @tf.function
+        def apply(grads):
+            opt.apply_gradients(zip(grads, variables, strict=True))
+
+        @tf.function
+        def fold(hhats):
+            opt.update_hessian(hhats)
+
+        self._apply, self._fold = apply, fold
+
+    def refresh(self, hhats):
+        self._fold([self._tensor(h, state_dtype(self.dtype)) for h in hhats])
+
+    def step(self, grads):
+        self._apply([self._tensor(g, self.dtype) for g in grads])
+
+    def read(self):
+        slots = [self.opt.sophia_slots(v) for v in self.variables]
+        return Snapshot(
+            params=[_numpy(v) for v in self.variables],
+            ms=[_numpy(m) for m, _ in slots],
+            hs=[_numpy(h) for _, h in slots],
+            step=int(_numpy(self.opt.iterations)),
+        )
+
+    def export_state(self, path):
+        self.opt.export_state(path)
+
+    def import_state(self, path):
+        self.opt.import_state(path)
+
+
+DRIVER = TensorflowDriver

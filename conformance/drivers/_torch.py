@@ -1,0 +1,91 @@
+"""PyTorch: ``sophia_torch.Sophia``, driven the way a training loop drives it.
+
+Gradients are written to ``p.grad`` and ``opt.step()`` is called; refreshes
+call ``opt.update_hessian(hhats)`` (parameters in ``param_groups`` order); a
+schedule sets ``param_group["lr"]`` before each step, which is what every
+``torch.optim.lr_scheduler`` does. State is read from ``opt.state[p]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sophia_torch
+import torch
+
+from ..scenarios import state_dtype
+from . import Driver, Snapshot
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return getattr(torch, dtype)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.cpu().numpy().copy()
+
+
+def _step_count(value) -> int:
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+class TorchDriver(Driver):
+    name = "torch"
+    devices = ("cpu", "cuda")
+
+    def _tensor(self, array: np.ndarray, dtype: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(array, dtype=state_dtype(dtype))).to(
+            device=self.device, dtype=_torch_dtype(dtype))
+
+    def expected_mode(self, scenario, dtype):
+        if scenario.hyperparameters.get("bias_correction") and self.device == "cpu":
+            # The step counter is a tensor (as in AdamW): see the JAX driver.
+            return ("tolerance", "1 - b1**t with a tensor step counter runs in the "
+                    "parameter dtype (numpy: Python float64 power, then one rounding)")
+        return super().expected_mode(scenario, dtype)
+
+    def init(self, params, dtype, hyper, learning_rates=None):
+        self.dtype = dtype
+        self.learning_rates = learning_rates
+        self.params = [torch.nn.Parameter(self._tensor(p, dtype)) for p in params]
+        self.opt = sophia_torch.Sophia(
+            self.params, lr=hyper.lr, betas=(hyper.b1, hyper.b2), gamma=hyper.gamma,
+            weight_decay=hyper.weight_decay, eps=hyper.eps,
+            clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
+            refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
+            maximize=hyper.maximize,
+        )
+        self.completed = 0
+
+    def refresh(self, hhats):
+        self.opt.update_hessian([self._tensor(h, state_dtype(self.dtype)) for h in hhats])
+
+    def step(self, grads):
+        if self.learning_rates is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = float(self.learning_rates[self.completed])
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = self._tensor(g, self.dtype)
+        self.opt.step()
+        self.completed += 1
+
+    def read(self):
+        states = [self.opt.state[p] for p in self.params]
+        steps = {_step_count(s["step"]) for s in states if "step" in s}
+        return Snapshot(
+            params=[_numpy(p) for p in self.params],
+            ms=[_numpy(s["m"]) for s in states],
+            hs=[_numpy(s["h"]) for s in states],
+            step=steps.pop() if len(steps) == 1 else -1,
+        )
+
+    def export_state(self, path):
+        self.opt.export_state(path)
+
+    def import_state(self, path):
+        self.opt.import_state(path)
+
+
+DRIVER = TorchDriver
