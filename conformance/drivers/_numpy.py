@@ -8,9 +8,11 @@ cast ``xp.astype(theta, bfloat16)`` performs elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from sophia_core import hessian_ema, init_state, portable, sophia_update
+from sophia_core import Hyperparameters, hessian_ema, init_state, portable, sophia_update
 
 from ..scenarios import round_to_bfloat16, state_dtype
 from . import Driver, Snapshot, Trajectory
@@ -28,7 +30,8 @@ class NumpyDriver(Driver):
 
     def init(self, params, dtype, hyper, learning_rates=None):
         self.dtype = dtype
-        self.hyper = hyper
+        # numpy's public API is the core: its validation is the backend's.
+        self.hyper = Hyperparameters(**dataclasses.asdict(hyper))
         self.learning_rates = learning_rates
         compute = state_dtype(dtype)
         self.params = [self._asarray(p, compute) for p in params]
@@ -131,8 +134,6 @@ class ReferenceDriver(NumpyDriver):
 
 
 def _portable_hyperparameters(hyper) -> dict:
-    import dataclasses
-
     values = dataclasses.asdict(hyper)
     if not isinstance(values["lr"], (int, float)):
         values["lr"] = None

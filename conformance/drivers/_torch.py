@@ -49,7 +49,10 @@ class TorchDriver(Driver):
     def init(self, params, dtype, hyper, learning_rates=None):
         self.dtype = dtype
         self.learning_rates = learning_rates
-        self.params = [torch.nn.Parameter(self._tensor(p, dtype)) for p in params]
+        tensors = [self._tensor(p, dtype) for p in params]
+        # Integer tensors cannot be nn.Parameters: pass them as plain tensors
+        # so that the optimizer itself has to refuse them.
+        self.params = [torch.nn.Parameter(t) if t.is_floating_point() else t for t in tensors]
         self.opt = sophia_torch.Sophia(
             self.params, lr=hyper.lr, betas=(hyper.b1, hyper.b2), gamma=hyper.gamma,
             weight_decay=hyper.weight_decay, eps=hyper.eps,
