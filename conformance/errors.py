@@ -111,7 +111,8 @@ def _check(case: ErrorCase, driver: Driver) -> tuple[bool, str]:
             before = driver.read()
             driver.step([g.astype(dtype) for g in _grads()])
         else:
-            driver.init(_params(), "float32", RawHyperparameters(lr=1e-3))
+            # k=1: a refresh is due at every step (JAX folds hhat only when due).
+            driver.init(_params(), "float32", RawHyperparameters(lr=1e-3, hessian_interval=1))
             driver.step(_grads())
             before = driver.read()
             if case.kind == "hhat_shape":
