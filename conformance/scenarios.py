@@ -33,6 +33,7 @@ __all__ = [
     "make_streams",
     "round_to_bfloat16",
     "state_dtype",
+    "storage_dtype",
 ]
 
 #: Steps per scenario (the issue's 1,000).
@@ -155,7 +156,12 @@ def by_name(name: str) -> Scenario:
 
 
 def state_dtype(dtype: str) -> str:
-    """The dtype of m and h for parameters of ``dtype`` (float32 for bf16)."""
+    """The dtype of m and h for parameters of ``dtype`` (float32 for bf16/fp16)."""
+    return "float32" if dtype in ("bfloat16", "float16") else dtype
+
+
+def storage_dtype(dtype: str) -> str:
+    """The numpy dtype holding values of ``dtype`` (bf16 values live in float32)."""
     return "float32" if dtype == "bfloat16" else dtype
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from sophia_core import Hyperparameters, hessian_ema, init_state, portable, sophia_update
 
-from ..scenarios import round_to_bfloat16, state_dtype
+from ..scenarios import round_to_bfloat16, state_dtype, storage_dtype
 from . import Driver, Snapshot, Trajectory
 
 
@@ -33,8 +33,7 @@ class NumpyDriver(Driver):
         # numpy's public API is the core: its validation is the backend's.
         self.hyper = Hyperparameters(**dataclasses.asdict(hyper))
         self.learning_rates = learning_rates
-        compute = state_dtype(dtype)
-        self.params = [self._asarray(p, compute) for p in params]
+        self.params = [self._asarray(p, storage_dtype(dtype)) for p in params]
         self.states = [init_state(p, xp=self.xp) for p in self.params]
         self.completed = 0
 
@@ -50,10 +49,9 @@ class NumpyDriver(Driver):
         kwargs = self.hyper.update_kwargs()
         if self.learning_rates is not None:
             kwargs["lr"] = float(self.learning_rates[self.completed])
-        compute = state_dtype(self.dtype)
         new = [
-            sophia_update(p, self._asarray(g, compute), s, step=self.completed + 1,
-                          xp=self.xp, **kwargs)
+            sophia_update(p, self._asarray(g, storage_dtype(self.dtype)), s,
+                          step=self.completed + 1, xp=self.xp, **kwargs)
             for p, g, s in zip(self.params, grads, self.states, strict=True)
         ]
         self.params = [p for p, _ in new]
@@ -106,23 +104,25 @@ class ReferenceDriver(NumpyDriver):
         shapes = [p.shape for p in streams.params]
         flat = lambda arrays, lead: np.concatenate(  # noqa: E731
             [a.reshape(*lead, -1) for a in arrays], axis=-1)
-        grads = flat(streams.grads, (steps,)).astype(compute)
+        store = storage_dtype(dtype)
+        grads = flat(streams.grads, (steps,)).astype(store)
         hhats = flat(streams.hhats, (len(streams.refresh_steps),)).astype(compute)
         refresh_index = {int(t): i for i, t in enumerate(streams.refresh_steps)}
         xp = self.xp
-        theta = self._asarray(flat(streams.params, ()), compute)
+        theta = self._asarray(flat(streams.params, ()), store)
         state = init_state(theta, xp=xp)
-        record = {k: np.empty((steps, theta.shape[0]), dtype=compute) for k in "pmh"}
+        record = {k: np.empty((steps, theta.shape[0]), dtype=compute) for k in "mh"}
+        record["p"] = np.empty((steps, theta.shape[0]), dtype=store)
         for t in range(steps):
             if t in refresh_index:
                 hhat = self._asarray(hhats[refresh_index[t]], compute)
                 state = state._replace(h=hessian_ema(state.h, hhat, b2=hyper.b2, xp=xp))
             if streams.learning_rates is not None:
                 kwargs["lr"] = float(streams.learning_rates[t])
-            theta, state = sophia_update(theta, self._asarray(grads[t], compute), state,
+            theta, state = sophia_update(theta, self._asarray(grads[t], store), state,
                                          step=t + 1, xp=xp, **kwargs)
             if dtype == "bfloat16":
-                theta = self._asarray(round_to_bfloat16(self._to_numpy(theta)), compute)
+                theta = self._asarray(round_to_bfloat16(self._to_numpy(theta)), store)
             record["p"][t] = self._to_numpy(theta)
             record["m"][t] = self._to_numpy(state.m)
             record["h"][t] = self._to_numpy(state.h)

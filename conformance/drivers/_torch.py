@@ -77,11 +77,19 @@ class TorchDriver(Driver):
     def read(self):
         states = [self.opt.state[p] for p in self.params]
         steps = {_step_count(s["step"]) for s in states if "step" in s}
+        pairs = list(zip(states, self.params, strict=True))
+
+        def slot(s, p, key):
+            # State is created lazily, as in torch.optim: none before the first step.
+            if key in s:
+                return _numpy(s[key])
+            return np.zeros(tuple(p.shape), state_dtype(self.dtype))
+
         return Snapshot(
             params=[_numpy(p) for p in self.params],
-            ms=[_numpy(s["m"]) for s in states],
-            hs=[_numpy(s["h"]) for s in states],
-            step=steps.pop() if len(steps) == 1 else -1,
+            ms=[slot(s, p, "m") for s, p in pairs],
+            hs=[slot(s, p, "h") for s, p in pairs],
+            step=steps.pop() if len(steps) == 1 else (0 if not steps else -1),
         )
 
     def export_state(self, path):
@@ -89,6 +97,7 @@ class TorchDriver(Driver):
 
     def import_state(self, path):
         self.opt.import_state(path)
+        self.completed = self.read().step  # the schedule continues from the file's step
 
 
 DRIVER = TorchDriver
