@@ -74,9 +74,13 @@ def part_table(part: str, rows: list[dict]) -> str:
         return f"{part}: nothing to run"
     keys = [k for k in rows[0] if k not in ("passed", "detail")]
     header = [*keys, "result"]
-    body = [[str(r.get(k, "")) for k in keys]
-            + ["pass" if r["passed"] else "FAIL: " + str(r.get("detail", ""))[:120]]
-            for r in rows]
+    def result(r: dict) -> str:
+        detail = str(r.get("detail", "")).replace("\n", " ")
+        if r["passed"]:
+            return f"pass ({detail[:90]})" if detail else "pass"
+        return "FAIL: " + detail[:120]
+
+    body = [[str(r.get(k, "")) for k in keys] + [result(r)] for r in rows]
     failed = sum(not r["passed"] for r in rows)
     return f"{part}:\n" + _table(header, body) + f"\n{part}: {len(rows)} checks, {failed} failed"
 

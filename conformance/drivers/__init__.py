@@ -110,6 +110,14 @@ class Driver(abc.ABC):
     def read(self) -> Snapshot:
         """The current state as numpy arrays."""
 
+    def host_skip_check(self) -> str:
+        """Show the host's own skip mechanism handling a NaN/Inf gradient.
+
+        Raises AssertionError if parameters or state change on the skipped
+        step; returns a one-line description of the mechanism.
+        """
+        raise NotImplementedError(f"{self.name}: no non-finite gradient check")
+
     def export_state(self, path: str) -> None:
         """Write the optimizer state to a portable file (``sophia_core.portable``)."""
         raise NotImplementedError(f"{self.name}: no portable state export")

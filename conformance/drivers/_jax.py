@@ -48,6 +48,7 @@ def _numpy(array) -> np.ndarray:
 class JaxDriver(Driver):
     name = "jax"
     devices = ("cpu", "cuda")
+    dtypes = ("float64", "float32", "bfloat16", "float16")
 
     def __init__(self, device: str = "cpu") -> None:
         super().__init__(device)
@@ -136,3 +137,30 @@ class JaxDriver(Driver):
 
 
 DRIVER = JaxDriver
+
+
+def _host_skip_check(driver: JaxDriver) -> str:
+    import optax
+
+    tx = optax.apply_if_finite(sophia_jax.sophia(1e-2, hessian_interval=1),
+                               max_consecutive_errors=3)
+    params = [jnp.array([1.0, -2.0, 3.0], jnp.float32)]
+    state = tx.init(params)
+    hhat = [jnp.ones(3, jnp.float32)]
+    updates, state = tx.update([jnp.array([0.5, -0.5, 1.0], jnp.float32)], state, params,
+                               hhat=hhat)
+    params = optax.apply_updates(params, updates)
+    before = (params, sophia_jax.sophia_state(state))
+    for bad in (np.nan, np.inf):
+        grads = [jnp.array([0.5, bad, 1.0], jnp.float32)]
+        updates, state = tx.update(grads, state, params, hhat=hhat)
+        params = optax.apply_updates(params, updates)
+        after = (params, sophia_jax.sophia_state(state))
+        same = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                            before, after)
+        assert all(jax.tree.leaves(same)), f"{bad} gradient changed params or state"
+    assert int(state.notfinite_count) == 2, state.notfinite_count
+    return "optax.apply_if_finite(sophia_jax.sophia(...)) skips NaN/Inf steps"
+
+
+JaxDriver.host_skip_check = _host_skip_check

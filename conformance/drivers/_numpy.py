@@ -21,6 +21,7 @@ from . import Driver, Snapshot, Trajectory
 class NumpyDriver(Driver):
     name = "numpy"
     xp = np
+    dtypes = ("float64", "float32", "bfloat16", "float16")
 
     def _asarray(self, array: np.ndarray, dtype: str):
         return self.xp.asarray(np.array(array, dtype=dtype))
@@ -83,6 +84,22 @@ class NumpyDriver(Driver):
         self.states = [s._replace(m=self._asarray(m, compute), h=self._asarray(h, compute))
                        for s, m, h in zip(self.states, loaded.ms, loaded.hs, strict=True)]
         self.completed = loaded.step
+
+
+    def host_skip_check(self):
+        # numpy has no skip mechanism: like any numpy code, a NaN gradient
+        # gives NaN in that coordinate only (elementwise math), never elsewhere.
+        self.init([np.array([1.0, -2.0, 3.0], np.float32)], "float32",
+                  Hyperparameters(lr=1e-2, hessian_interval=1))
+        self.refresh([np.ones(3, np.float32)])
+        self.step([np.array([0.5, np.nan, np.inf], np.float32)])
+        snap = self.read()
+        theta, m = snap.params[0], snap.ms[0]
+        assert np.isfinite(theta[0]) and np.isfinite(m[0]), "NaN/Inf spread to another coordinate"
+        assert np.isnan(theta[1]) and np.isnan(m[1]), "a NaN gradient was hidden"
+        # An infinite gradient makes m infinite; the clipped step is then +-lr*c.
+        assert np.isinf(m[2]) and np.isfinite(theta[2]), "Inf gradient: unexpected result"
+        return "numpy has no skip mechanism: NaN/Inf stays in its own coordinate"
 
 
 class ReferenceDriver(NumpyDriver):

@@ -40,6 +40,7 @@ def _numpy(value) -> np.ndarray:
 class TensorflowDriver(Driver):
     name = "tensorflow"
     devices = ("cpu",)
+    dtypes = ("float64", "float32", "bfloat16", "float16")
 
     def expected_mode(self, scenario, dtype):
         if scenario.hyperparameters.get("bias_correction"):
@@ -98,3 +99,28 @@ class TensorflowDriver(Driver):
 
 
 DRIVER = TensorflowDriver
+
+
+def _host_skip_check(driver: TensorflowDriver) -> str:
+    v = keras.Variable(np.array([1.0, -2.0, 3.0], np.float32), name="skip_check")
+    inner = sophia_tf.SophiaG(learning_rate=1e-2, hessian_interval=1)
+    opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 4)
+    opt.apply_gradients([(tf.constant([0.5, -0.5, 1.0]), v)])
+    inner.update_hessian([tf.ones(3)])
+
+    def snapshot():
+        m, h = inner.sophia_slots(v)
+        return [_numpy(x) for x in (v, m, h, inner.iterations)]
+
+    before = snapshot()
+    for bad in (np.nan, np.inf):
+        scale = float(_numpy(opt.dynamic_scale))
+        opt.apply_gradients([(tf.constant([0.5, bad, 1.0]), v)])
+        assert float(_numpy(opt.dynamic_scale)) < scale, "scale not reduced: step not skipped"
+        after = snapshot()
+        assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)), \
+            f"{bad} gradient changed the variable or the optimizer state"
+    return "keras.optimizers.LossScaleOptimizer(SophiaG) skips the step"
+
+
+TensorflowDriver.host_skip_check = _host_skip_check

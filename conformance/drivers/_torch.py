@@ -34,6 +34,7 @@ def _step_count(value) -> int:
 class TorchDriver(Driver):
     name = "torch"
     devices = ("cpu", "cuda")
+    dtypes = ("float64", "float32", "bfloat16", "float16")
 
     def _tensor(self, array: np.ndarray, dtype: str) -> torch.Tensor:
         return torch.from_numpy(np.array(array, dtype=state_dtype(dtype))).to(
@@ -101,3 +102,33 @@ class TorchDriver(Driver):
 
 
 DRIVER = TorchDriver
+
+
+def _host_skip_check(driver: TorchDriver) -> str:
+    device = driver.device
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0], device=device))
+    opt = sophia_torch.Sophia([p], lr=1e-2, hessian_interval=1)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 4)
+    scaler.scale((p * p).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    opt.update_hessian([torch.ones(3, device=device)])
+    snapshot = lambda: [p.detach().clone()] + [  # noqa: E731
+        v.detach().clone() if isinstance(v, torch.Tensor) else v
+        for v in opt.state[p].values()]
+    before = snapshot()
+    for bad in (float("nan"), float("inf")):
+        scale = scaler.get_scale()
+        p.grad = torch.tensor([0.5, bad, 1.0], device=device) * scale
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() < scale, "GradScaler did not see the non-finite gradient"
+        after = snapshot()
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(before, after, strict=True)), \
+            f"{bad} gradient changed the parameter or the optimizer state"
+    return "torch.amp.GradScaler skips the step (scale halved, state unchanged)"
+
+
+TorchDriver.host_skip_check = _host_skip_check
