@@ -164,3 +164,41 @@ def _host_skip_check(driver: JaxDriver) -> str:
 
 
 JaxDriver.host_skip_check = _host_skip_check
+
+
+class JaxModelOps:
+    """The estimator model in jax.numpy, differentiated with jax.grad / jax.jvp."""
+
+    xp = jnp
+
+    def __init__(self, dtype: str, device) -> None:
+        self.dtype = _jax_dtype(dtype)
+        self.device = device
+
+    def tensor(self, array):
+        return jax.device_put(jnp.asarray(array, dtype=self.dtype), self.device)
+
+    def labels(self, array):
+        return jax.device_put(jnp.asarray(array), self.device)
+
+    def params(self, arrays):
+        return [self.tensor(a) for a in arrays]
+
+    def logits(self, params, x):
+        w1, b1, w2, b2 = params
+        return jnp.tanh(x @ w1 + b1) @ w2 + b2
+
+    def grad(self, fn, params):
+        return list(jax.grad(fn)(params))
+
+    def hvp(self, fn, params, vectors):
+        return list(jax.jvp(jax.grad(fn), (params,), (vectors,))[1])  # forward-over-reverse
+
+    def stop_gradient(self, array):
+        return jax.lax.stop_gradient(array)
+
+    def numpy(self, array):
+        return np.array(array, copy=True)
+
+
+JaxDriver.model_ops = lambda self, dtype: JaxModelOps(dtype, self.jax_device)

@@ -124,3 +124,48 @@ def _host_skip_check(driver: TensorflowDriver) -> str:
 
 
 TensorflowDriver.host_skip_check = _host_skip_check
+
+
+class TensorflowModelOps:
+    """The estimator model in TF ops, differentiated with tf.GradientTape."""
+
+    def __init__(self, dtype: str) -> None:
+        self.xp = sophia_tf.tf_namespace
+        self.dtype = tf.as_dtype(dtype)
+
+    def tensor(self, array):
+        return tf.constant(np.asarray(array), dtype=self.dtype)
+
+    def labels(self, array):
+        return tf.constant(np.asarray(array))
+
+    def params(self, arrays):
+        return [self.tensor(a) for a in arrays]
+
+    def logits(self, params, x):
+        w1, b1, w2, b2 = params
+        return tf.matmul(tf.tanh(tf.matmul(x, w1) + b1), w2) + b2
+
+    def grad(self, fn, params):
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = fn(params)
+        return tape.gradient(loss, params)
+
+    def hvp(self, fn, params, vectors):
+        with tf.GradientTape() as outer:
+            outer.watch(params)
+            with tf.GradientTape() as inner:
+                inner.watch(params)
+                loss = fn(params)
+            grads = inner.gradient(loss, params)
+        return outer.gradient(grads, params, output_gradients=vectors)
+
+    def stop_gradient(self, tensor):
+        return tf.stop_gradient(tensor)
+
+    def numpy(self, tensor):
+        return np.array(tensor.numpy(), copy=True)
+
+
+TensorflowDriver.model_ops = lambda self, dtype: TensorflowModelOps(dtype)

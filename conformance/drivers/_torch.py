@@ -40,13 +40,6 @@ class TorchDriver(Driver):
         return torch.from_numpy(np.array(array, dtype=state_dtype(dtype))).to(
             device=self.device, dtype=_torch_dtype(dtype))
 
-    def expected_mode(self, scenario, dtype):
-        if scenario.hyperparameters.get("bias_correction") and self.device == "cpu":
-            # The step counter is a tensor (as in AdamW): see the JAX driver.
-            return ("tolerance", "1 - b1**t with a tensor step counter runs in the "
-                    "parameter dtype (numpy: Python float64 power, then one rounding)")
-        return super().expected_mode(scenario, dtype)
-
     def init(self, params, dtype, hyper, learning_rates=None):
         self.dtype = dtype
         self.learning_rates = learning_rates
@@ -132,3 +125,45 @@ def _host_skip_check(driver: TorchDriver) -> str:
 
 
 TorchDriver.host_skip_check = _host_skip_check
+
+
+class TorchModelOps:
+    """The estimator model in torch ops, differentiated with torch.autograd."""
+
+    def __init__(self, dtype: str, device: str) -> None:
+        import array_api_compat.torch as xp
+
+        self.xp = xp
+        self.dtype = _torch_dtype(dtype)
+        self.device = device
+
+    def tensor(self, array):
+        return torch.as_tensor(np.asarray(array), device=self.device).to(self.dtype)
+
+    def labels(self, array):
+        return torch.as_tensor(np.asarray(array), device=self.device)
+
+    def params(self, arrays):
+        return [self.tensor(a) for a in arrays]
+
+    def logits(self, params, x):
+        w1, b1, w2, b2 = params
+        return torch.tanh(x @ w1 + b1) @ w2 + b2
+
+    def grad(self, fn, params):
+        params = [p.detach().requires_grad_(True) for p in params]
+        return list(torch.autograd.grad(fn(params), params))
+
+    def hvp(self, fn, params, vectors):
+        params = [p.detach().requires_grad_(True) for p in params]
+        grads = torch.autograd.grad(fn(params), params, create_graph=True)
+        return list(torch.autograd.grad(grads, params, grad_outputs=vectors))
+
+    def stop_gradient(self, tensor):
+        return tensor.detach()
+
+    def numpy(self, tensor):
+        return tensor.detach().cpu().numpy().copy()
+
+
+TorchDriver.model_ops = lambda self, dtype: TorchModelOps(dtype, self.device)
