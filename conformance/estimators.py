@@ -177,7 +177,7 @@ def _functions(name: str, dtype: str, device: str):
 def _train(name: str, model: MLP, dtype: str, device: str) -> list[np.ndarray]:
     """Parameters after each of TRAIN_STEPS steps of the backend's optimizer."""
     grads_fn, gnb_fn, _ = _functions(name, dtype, device)
-    driver = driver_for(name, device)
+    driver = driver_for(name, device, cpu_fallback=True)
     hyper = core.Hyperparameters(**TRAIN_HYPER)
     driver.init(model.params, dtype, hyper)
     history = []

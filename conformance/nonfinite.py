@@ -51,7 +51,7 @@ def extreme_streams(dtype: str) -> Streams:
 
 def _finite_rows(name: str, device: str) -> list[dict]:
     rows = []
-    driver = driver_for(name, device)
+    driver = driver_for(name, device, cpu_fallback=True)
     for dtype in DTYPES:
         row = {"backend": name, "check": f"finite inputs stay finite ({dtype})"}
         if dtype not in driver.dtypes:
@@ -77,7 +77,7 @@ def run_part(backends: list[str], *, device: str = "cpu") -> list[dict]:
     rows = []
     for name in dict.fromkeys(["numpy", *backends]):
         rows.extend(_finite_rows(name, device))
-        driver = driver_for(name, device)
+        driver = driver_for(name, device, cpu_fallback=True)
         row = {"backend": name, "check": "NaN/Inf gradient: host skip mechanism"}
         try:
             detail = driver.host_skip_check()

@@ -48,7 +48,8 @@ def run_part(backends: list[str], *, device: str = "cpu") -> list[dict]:
         golden = ReferenceDriver("cpu").run(streams)
         for source in names:
             for target in names:
-                a, b = driver_for(source, device), driver_for(target, device)
+                a = driver_for(source, device, cpu_fallback=True)
+                b = driver_for(target, device, cpu_fallback=True)
                 if dtype not in a.dtypes or dtype not in b.dtypes:
                     continue
                 modes = {a.expected_mode(scenario, dtype)[0], b.expected_mode(scenario, dtype)[0]}

@@ -149,8 +149,14 @@ def has_driver(name: str) -> bool:
     return importlib.util.find_spec(f"{__name__}._{name}") is not None
 
 
-def driver_for(name: str, device: str = "cpu") -> Driver:
-    """The driver of backend ``name`` on ``device`` (imports the framework)."""
+def driver_for(name: str, device: str = "cpu", *, cpu_fallback: bool = False) -> Driver:
+    """The driver of backend ``name`` on ``device`` (imports the framework).
+
+    With ``cpu_fallback``, a backend that has no such device (the numpy
+    reference on a GPU run) runs on the CPU instead of raising.
+    """
     module = importlib.import_module(f"{__name__}._{name}")
     cls: Any = module.DRIVER
+    if cpu_fallback and device not in cls.devices:
+        device = "cpu"
     return cls(device=device)
