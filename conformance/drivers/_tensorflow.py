@@ -14,7 +14,7 @@ import sophia_tf
 import tensorflow as tf
 
 from ..scenarios import state_dtype
-from . import Driver, Snapshot
+from . import Driver, Snapshot, Trajectory
 
 
 class _TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -90,6 +90,52 @@ class TensorflowDriver(Driver):
             hs=[_numpy(h) for _, h in slots],
             step=int(_numpy(self.opt.iterations)),
         )
+
+    def run(self, streams, *, start=0, stop=None, init=True):
+        """The whole run as one ``tf.function`` loop over the public calls.
+
+        ``update_hessian`` (under ``tf.cond`` when a refresh is due) and
+        ``apply_gradients`` inside ``tf.range``: one trace per scenario
+        instead of a Python dispatch per step.
+        """
+        if not init or start != 0 or stop is not None:
+            return super().run(streams, start=start, stop=stop, init=init)
+        self.init(streams.params, streams.dtype, streams.scenario.hyper(),
+                  streams.learning_rates)
+        dtype, steps = streams.dtype, streams.steps
+        grads = [self._tensor(g, dtype) for g in streams.grads]
+        hhats = [self._tensor(h, state_dtype(dtype)) for h in streams.hhats_per_step()]
+        due = tf.constant(np.isin(np.arange(steps), streams.refresh_steps))
+        variables, opt = self.variables, self.opt
+        slots = [opt.sophia_slots(v) for v in variables]
+
+        @tf.function
+        def loop(grads, hhats, due):
+            n = tf.shape(due)[0]
+            out = {
+                "p": [tf.TensorArray(v.dtype, size=n) for v in variables],
+                "m": [tf.TensorArray(m.dtype, size=n) for m, _ in slots],
+                "h": [tf.TensorArray(h.dtype, size=n) for _, h in slots],
+                "t": tf.TensorArray(tf.int64, size=n),
+            }
+            for t in tf.range(n):
+                if due[t]:
+                    opt.update_hessian([h[t] for h in hhats])
+                opt.apply_gradients(zip([g[t] for g in grads], variables, strict=True))
+                out = {
+                    "p": [a.write(t, v.value) for a, v in zip(out["p"], variables, strict=True)],
+                    "m": [a.write(t, m.value) for a, (m, _) in zip(out["m"], slots, strict=True)],
+                    "h": [a.write(t, h.value) for a, (_, h) in zip(out["h"], slots, strict=True)],
+                    "t": out["t"].write(t, tf.cast(opt.iterations, tf.int64)),
+                }
+            return {k: [a.stack() for a in v] if isinstance(v, list) else v.stack()
+                    for k, v in out.items()}
+
+        result = loop(grads, hhats, due)
+        return Trajectory(params=[_numpy(x) for x in result["p"]],
+                          ms=[_numpy(x) for x in result["m"]],
+                          hs=[_numpy(x) for x in result["h"]],
+                          steps=_numpy(result["t"]).astype(np.int64))
 
     def export_state(self, path):
         self.opt.export_state(path)

@@ -13,7 +13,7 @@ import sophia_torch
 import torch
 
 from ..scenarios import state_dtype
-from . import Driver, Snapshot
+from . import Driver, Snapshot, Trajectory
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -85,6 +85,50 @@ class TorchDriver(Driver):
             hs=[slot(s, p, "h") for s, p in pairs],
             step=steps.pop() if len(steps) == 1 else (0 if not steps else -1),
         )
+
+    def run(self, streams, *, start=0, stop=None, init=True):
+        """The protocol loop with inputs converted once and state recorded in torch.
+
+        Same public calls as ``init``/``refresh``/``step``/``read`` (``p.grad``,
+        ``opt.step()``, ``opt.update_hessian``, ``opt.state[p]``), minus the
+        per-step numpy conversions that would cost more than the step.
+        """
+        if not init or start != 0 or stop is not None:
+            return super().run(streams, start=start, stop=stop, init=init)
+        self.init(streams.params, streams.dtype, streams.scenario.hyper(),
+                  streams.learning_rates)
+        steps, dtype = streams.steps, streams.dtype
+        grads = [self._tensor(g, dtype) for g in streams.grads]
+        hhats = [self._tensor(h, state_dtype(dtype)) for h in streams.hhats]
+        refresh_index = {int(t): i for i, t in enumerate(streams.refresh_steps)}
+        lrs = None if self.learning_rates is None else [float(x) for x in self.learning_rates]
+        record = {k: [torch.empty((steps, *p.shape), dtype=dt, device=self.device)
+                      for p in self.params]
+                  for k, dt in (("p", _torch_dtype(dtype)),
+                                ("m", _torch_dtype(state_dtype(dtype))),
+                                ("h", _torch_dtype(state_dtype(dtype))))}
+        counts = []
+        with torch.no_grad():
+            for t in range(steps):
+                if t in refresh_index:
+                    self.opt.update_hessian([h[refresh_index[t]] for h in hhats])
+                if lrs is not None:
+                    for group in self.opt.param_groups:
+                        group["lr"] = lrs[t]
+                for p, g in zip(self.params, grads, strict=True):
+                    p.grad = g[t]
+                self.opt.step()
+                for i, p in enumerate(self.params):
+                    state = self.opt.state[p]
+                    record["p"][i][t].copy_(p)
+                    record["m"][i][t].copy_(state["m"])
+                    record["h"][i][t].copy_(state["h"])
+                counts.append(_step_count(self.opt.state[self.params[0]]["step"]))
+        self.completed = steps
+        return Trajectory(params=[_numpy(x) for x in record["p"]],
+                          ms=[_numpy(x) for x in record["m"]],
+                          hs=[_numpy(x) for x in record["h"]],
+                          steps=np.asarray(counts, dtype=np.int64))
 
     def export_state(self, path):
         self.opt.export_state(path)
