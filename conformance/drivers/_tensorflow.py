@@ -16,6 +16,9 @@ import tensorflow as tf
 from ..scenarios import state_dtype
 from . import Driver, Snapshot, Trajectory
 
+# One optimizer, hence one trace, per scenario: the retracing warning is expected.
+tf.get_logger().setLevel("ERROR")
+
 
 class _TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The scenario's per-step learning rates, looked up by the iteration count."""
