@@ -15,8 +15,6 @@ from .scenarios import DTYPES, SCENARIOS, Scenario, make_streams
 
 __all__ = ["available_backends", "certified_backends", "run_trajectories"]
 
-REFERENCE = "numpy"
-
 
 def certified_backends() -> list[str]:
     """Backends of the registry that have a conformance driver."""
@@ -59,7 +57,7 @@ def run_trajectories(
     from .drivers._numpy import ReferenceDriver
 
     reference = ReferenceDriver("cpu")
-    seconds = dict.fromkeys([REFERENCE, *backends], 0.0)
+    seconds = dict.fromkeys(["reference", *backends], 0.0)
     rows: list[Comparison] = []
     for scenario in scenarios:
         scenario = _truncate(scenario, steps)
@@ -69,7 +67,7 @@ def run_trajectories(
             streams = make_streams(scenario, dtype)
             start = time.perf_counter()
             golden = reference.run(streams)
-            seconds[REFERENCE] += time.perf_counter() - start
+            seconds["reference"] += time.perf_counter() - start
             for name, driver in drivers.items():
                 if dtype not in driver.dtypes:
                     continue
