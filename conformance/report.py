@@ -49,19 +49,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def trajectory_table(rows: list[Comparison]) -> str:
     """backend x scenario x dtype: max ulp, max abs deviation, bitwise, pass/fail."""
     header = ["backend", "scenario", "dtype", "mode", "max ulp", "max abs dev", "bitwise",
-              "sign-sens/flips", "result"]
+              "budget used", "sign-sens/flips", "result"]
     body = []
     for r in rows:
         result = "pass" if r.passed else "FAIL: " + "; ".join(r.problems)[:120]
+        tolerance = r.mode == "tolerance"
         body.append([r.backend, r.scenario, r.dtype, r.mode, _num(r.max_ulp), _num(r.max_abs),
                      "yes" if r.bitwise else "no",
-                     f"{r.sign_sensitive}/{r.sign_flips}" if r.mode == "tolerance" else "-",
+                     _num(r.budget_ratio) if tolerance else "-",
+                     f"{r.sign_sensitive}/{r.sign_flips}" if tolerance else "-",
                      result])
+    reasons = sorted({(r.backend, r.reason) for r in rows if r.mode == "tolerance" and r.reason})
     failed = sum(not r.passed for r in rows)
     bitwise = sum(r.bitwise for r in rows)
     summary = (f"trajectories: {len(rows)} runs, {bitwise} bitwise identical, "
                f"{failed} failed")
-    return _table(header, body) + "\n" + summary
+    notes = "".join(f"\ntolerance mode, {backend}: {reason}" for backend, reason in reasons)
+    return _table(header, body) + "\n" + summary + notes
 
 
 def seconds_line(seconds: dict[str, float]) -> str:
