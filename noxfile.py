@@ -29,7 +29,7 @@ TEST_REQUIREMENTS = ("pytest", "hypothesis", "array-api-strict>=2.1")
 CORE_NAMESPACES = ("numpy", "array_api_strict")
 FRAMEWORKS = tuple(b for b in registry.BACKENDS if b.adapter is not None)
 
-nox.options.sessions = ["lint", "core", *(b.name for b in FRAMEWORKS)]
+nox.options.sessions = ["lint", "core", *(b.name for b in FRAMEWORKS), "conformance"]
 
 
 def _required(*names: str) -> dict[str, str]:

@@ -137,3 +137,17 @@ def test_every_framework_adapter_has_a_driver():
     from conformance.drivers import has_driver
 
     assert all(has_driver(b.name) for b in BACKENDS if b.adapter is not None)
+
+
+def test_the_suite_imports_no_framework_until_a_driver_is_asked_for():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, conformance, conformance.scenarios, conformance.compare, conformance.run, "
+        "conformance.errors, conformance.portable, conformance.nonfinite, "
+        "conformance.estimators; "
+        "bad = [m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
