@@ -8,8 +8,6 @@ schedule sets ``param_group["lr"]`` before each step, which is what every
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import sophia_torch
 import torch
@@ -37,22 +35,6 @@ class TorchDriver(Driver):
     name = "torch"
     devices = ("cpu", "cuda")
     dtypes = ("float64", "float32", "bfloat16", "float16")
-
-    @functools.cached_property
-    def _tensor_step(self) -> bool:
-        """Whether the adapter keeps ``state["step"]`` as a tensor (AdamW's convention)."""
-        p = torch.nn.Parameter(torch.zeros(1, device=self.device))
-        opt = sophia_torch.Sophia([p])
-        p.grad = torch.zeros(1, device=self.device)
-        opt.step()
-        return isinstance(opt.state[p]["step"], torch.Tensor)
-
-    def expected_mode(self, scenario, dtype):
-        if (self.device == "cpu" and scenario.hyperparameters.get("bias_correction")
-                and self._tensor_step):
-            return ("tolerance", "1 - b1**t with a tensor step counter runs in the "
-                    "parameter dtype (numpy: Python float64 power, then one rounding)")
-        return super().expected_mode(scenario, dtype)
 
     def _tensor(self, array: np.ndarray, dtype: str) -> torch.Tensor:
         return torch.from_numpy(np.array(array, dtype=state_dtype(dtype))).to(
