@@ -12,7 +12,10 @@ differentiates by hand (backprop, and Pearlmutter's R-operator for
 
 Checks, per backend against the numpy reference:
 
-- GNB and Hutchinson hhat at the initial weights;
+- GNB and Hutchinson hhat at the initial weights (and, where the adapter's
+  own estimator functions accept injected noise, those too: driver hook
+  ``adapter_estimators``; sophia_torch's do, sophia_jax's and sophia_tf's
+  draw their noise from a key/seed);
 - a 50-step training run through the backend's optimizer (driver protocol),
   gradients from the backend's autodiff, GNB refreshes every 10 steps.
 
@@ -227,7 +230,21 @@ def run_part(backends: list[str], *, device: str = "cpu") -> list[dict]:
                              "deviation / budget": "-", "passed": False,
                              "detail": f"{type(exc).__name__}: {exc}"})
                 continue
-            for check, ref in golden.items():
+            adapter = getattr(driver_for(name, device, cpu_fallback=True),
+                              "adapter_estimators", None)
+            if adapter is not None:  # the adapter's own estimators take injected noise
+                try:
+                    a_gnb, a_hutch = adapter(dtype)
+                    got["GNB hhat (adapter API)"] = a_gnb(model.params, model.x, model.labels,
+                                                          model.uniform[0])
+                    got["Hutchinson hhat (adapter API)"] = a_hutch(
+                        model.params, model.x, model.labels, model.probes)
+                except Exception as exc:  # a crash is a failed row
+                    rows.append({"backend": name, "check": "estimators (adapter API)",
+                                 "dtype": dtype, "deviation / budget": "-", "passed": False,
+                                 "detail": f"{type(exc).__name__}: {exc}"})
+            for check in got:
+                ref = golden[check.replace(" (adapter API)", "")]
                 deviation = _relative(got[check], ref) / (K * u)
                 rows.append({"backend": name, "check": check, "dtype": dtype,
                              "deviation / budget": f"{deviation:.3g}",

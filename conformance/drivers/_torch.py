@@ -211,3 +211,32 @@ class TorchModelOps:
 
 
 TorchDriver.model_ops = lambda self, dtype: TorchModelOps(dtype, self.device)
+
+
+def _adapter_estimators(driver: TorchDriver, dtype: str):
+    """sophia_torch's own estimators with injected noise (uniform=, noise=)."""
+    ops = TorchModelOps(dtype, driver.device)
+
+    def loss_of(params, x, labels):
+        import sophia_core
+
+        return sophia_core.masked_mean_cross_entropy(ops.logits(params, x), labels, xp=ops.xp)
+
+    def gnb(params, x, labels, uniform):
+        p = [t.requires_grad_(True) for t in ops.params(params)]
+        xt, lt = ops.tensor(x), ops.labels(labels)
+        hhats = sophia_torch.gnb_hessian(ops.logits(p, xt), p, mask=lt != -100,
+                                         uniform=ops.tensor(uniform))
+        return [ops.numpy(h) for h in hhats]
+
+    def hutchinson(params, x, labels, probes):
+        p = [t.requires_grad_(True) for t in ops.params(params)]
+        xt, lt = ops.tensor(x), ops.labels(labels)
+        hhats = sophia_torch.hutchinson_hessian(loss_of(p, xt, lt), p,
+                                                noise=[[ops.tensor(u) for u in probes]])
+        return [ops.numpy(h) for h in hhats]
+
+    return gnb, hutchinson
+
+
+TorchDriver.adapter_estimators = _adapter_estimators
