@@ -19,10 +19,11 @@ linearly. With :math:`\epsilon` the unit roundoff of the dtype and
   (independent, zero-mean: a random walk, :math:`3\sigma` of
   :math:`\sqrt{2t}` ulps) and :math:`\eta_t\,\delta u_t` from the errors of
   m and h, where :math:`\delta u_t \le (|e_{\hat m}| + |u_t|\gamma|e_h|)/d_t`
-  (and :math:`\le 2c`). Those are correlated over the memory
-  :math:`W = 1/(1-\beta_1)` of m, so they add as
-  :math:`3\sqrt{W\sum_s(\eta_s\delta u_s)^2}`. The budget grows like
-  :math:`\sqrt{t}`.
+  (and :math:`\le 2c`). The part due to m's error is correlated over m's
+  memory :math:`W_m = 1/(1-\beta_1)` steps, the part due to h's error over
+  h's memory :math:`W_h = k/(1-\beta_2)` steps (h changes every k steps);
+  each adds as :math:`3\sqrt{W\sum_s(\eta_s\delta u_s)^2}`. The budget
+  grows like :math:`\sqrt{t}`.
 
 The discontinuity: where :math:`d = \epsilon` (h <= eps/gamma) the step is
 :math:`c\,\mathrm{sign}(m)`, which jumps at m = 0. A coordinate-step with
@@ -160,6 +161,7 @@ def _tolerance(reference: Trajectory, got: Trajectory, streams: Streams,
     a_m = 2.0 + 1.0 / (1.0 - hyper.b1)
     a_h = 2.0 + 1.0 / (1.0 - hyper.b2)
     window = 1.0 / (1.0 - hyper.b1)
+    window_h = hyper.hessian_interval / (1.0 - hyper.b2)
     c = hyper.clip_threshold
     ratio = 0.0
     sensitive_total = flips_total = 0
@@ -187,11 +189,15 @@ def _tolerance(reference: Trajectory, got: Trajectory, streams: Streams,
         u = np.clip(mhat / d, -c, c)
         at_eps = hyper.gamma * r_h <= hyper.eps
         sensitive = at_eps & (np.abs(mhat) <= noise_mhat)
-        du = np.minimum(2 * c, (noise_mhat + np.abs(u) * hyper.gamma * a_h * ulp_h) / d
-                        + np.abs(u) * 2 * unit_roundoff(sdtype))
-        du = np.where(sensitive, 0.0, du)
+        # Step errors caused by m's error (memory 1/(1-b1) steps) and by h's
+        # error (memory k/(1-b2) steps: h changes only every k steps).
+        du_m = np.minimum(2 * c, noise_mhat / d + np.abs(u) * 2 * unit_roundoff(sdtype))
+        du_h = np.minimum(2 * c, np.abs(u) * hyper.gamma * a_h * ulp_h / d)
+        du_m = np.where(sensitive, 0.0, du_m)
+        du_h = np.where(sensitive, 0.0, du_h)
         lr = lrs[expand]
-        coupling = 3.0 * np.sqrt(window * np.cumsum((lr * du) ** 2, axis=0))
+        coupling = 3.0 * (np.sqrt(window * np.cumsum((lr * du_m) ** 2, axis=0))
+                          + np.sqrt(window_h * np.cumsum((lr * du_h) ** 2, axis=0)))
         walk = ulp_theta * (4.0 + 3.0 * np.sqrt(2.0 * t))[expand]
         flipped = np.sign(g_m) != np.sign(r_m)
         unexplained = flipped & at_eps & ~sensitive
