@@ -57,8 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"no conformance driver for {unknown}; certified: {known}", file=sys.stderr)
             return 2
+        missing = [b for b in backends if b not in run.available_backends()]
+        if missing:
+            print(f"backends {missing} do not import here (framework or adapter missing)",
+                  file=sys.stderr)
+            return 2
     else:
         backends = run.available_backends()
+        from sophia_core.backends import REQUIRED_ENV, required_backends
+
+        missing = sorted(set(run.certified_backends()) & required_backends() - set(backends))
+        if missing:  # nox names the backends a session must have: no silent skip
+            print(f"{REQUIRED_ENV} requires {missing}, which do not import here",
+                  file=sys.stderr)
+            return 2
     scenarios = ([by_name(s.strip()) for s in args.scenarios.split(",")]
                  if args.scenarios else list(SCENARIOS))
     dtypes = [d.strip() for d in args.dtypes.split(",")] if args.dtypes else list(DTYPES)

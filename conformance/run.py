@@ -25,8 +25,11 @@ def available_backends() -> list[str]:
     """Certified backends whose framework imports here."""
     names = []
     for name in certified_backends():
+        backend = by_name(name)
         try:
-            importlib.import_module(by_name(name).module)
+            importlib.import_module(backend.module)
+            if backend.adapter is not None:
+                importlib.import_module(backend.adapter)
         except ImportError:
             continue
         names.append(name)
