@@ -34,7 +34,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._namespace import check_floating, check_same_shape, compute_dtype, namespace_of
+from ._namespace import (
+    check_eps,
+    check_floating,
+    check_same_shape,
+    compute_dtype,
+    namespace_of,
+)
 
 __all__ = [
     "SophiaState",
@@ -85,11 +91,17 @@ def _as_float(step: Any, dtype: Any, xp: Any) -> Any:
 
 def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
                    xp: Any = None) -> Any:
-    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``."""
+    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``.
+
+    Computed as ``m * (1 / (1 - b1**step))`` with the factor formed first (in
+    Python double precision for a Python ``step``): XLA rewrites division by
+    a constant into multiplication by its reciprocal, so writing the
+    multiplication ourselves keeps every backend on the same operation.
+    """
     if not bias_correction:
         return m
     xp = namespace_of(m, xp=xp)
-    return m / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+    return m * (1.0 / (1.0 - b1 ** _as_float(step, m.dtype, xp)))
 
 
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
@@ -139,6 +151,7 @@ def sophia_update(
         check_floating(name, array, xp=xp)
         check_same_shape("param", param, name, array)
     dtype = compute_dtype(param.dtype, xp=xp)
+    check_eps(eps, dtype, xp=xp)
     theta = xp.astype(param, dtype, copy=False)
     m = momentum_update(
         xp.astype(state.m, dtype, copy=False),
