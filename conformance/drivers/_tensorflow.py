@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+
 import sophia_tf
 import tensorflow as tf
 
