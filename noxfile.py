@@ -29,7 +29,7 @@ TEST_REQUIREMENTS = ("pytest", "hypothesis", "array-api-strict>=2.1")
 CORE_NAMESPACES = ("numpy", "array_api_strict")
 FRAMEWORKS = tuple(b for b in registry.BACKENDS if b.adapter is not None)
 
-nox.options.sessions = ["lint", "core", *(b.name for b in FRAMEWORKS)]
+nox.options.sessions = ["lint", "core", *(b.name for b in FRAMEWORKS), "conformance"]
 
 
 def _required(*names: str) -> dict[str, str]:
@@ -67,6 +67,27 @@ def _framework_session(backend) -> None:
 
 for _backend in FRAMEWORKS:
     _framework_session(_backend)
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """Every backend on the same inputs: ``python -m conformance`` (CPU) and its tests.
+
+    One pip command installs every framework (torch pinned by the registry)
+    and the test requirements. ``XLA_FLAGS`` keeps XLA from contracting
+    multiply-adds on CPU (set before jax/tensorflow start, in every process).
+    Extra arguments go to ``python -m conformance`` (e.g. ``--backends torch``).
+    """
+    session.install(
+        ".[all]",
+        *(r for b in FRAMEWORKS for r in b.requirements),
+        *TEST_REQUIREMENTS,
+        *(r for b in FRAMEWORKS for r in b.test_requirements),
+    )
+    names = [b.name for b in registry.BACKENDS]
+    env = {**_required(*names), "XLA_FLAGS": "--xla_cpu_max_isa=AVX"}
+    session.run("pytest", "tests/conformance", env=env)
+    session.run("python", "-m", "conformance", *session.posargs, env=env)
 
 
 @nox.session

@@ -10,6 +10,7 @@ packages (``sophia_torch``, ``sophia_jax``, ``sophia_tf``) add autodiff,
 randomness, in-place writes and state containers on top.
 """
 
+from . import portable
 from ._estimators import (
     IGNORE_INDEX,
     gnb_estimate,
@@ -62,6 +63,7 @@ __all__ = [
     "momentum_update",
     "namespace_of",
     "num_positions",
+    "portable",
     "preconditioned_step",
     "probe_from_noise",
     "refresh_due",

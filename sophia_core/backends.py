@@ -75,7 +75,9 @@ BACKENDS: tuple[Backend, ...] = (
         adapter="sophia_jax",
         extra="jax",
         test_requirements=("flax",),
-        env=(("JAX_ENABLE_X64", "1"),),
+        # No FMA contraction by XLA on CPU: jitted code is then bitwise
+        # comparable with numpy (docs/conformance.md).
+        env=(("JAX_ENABLE_X64", "1"), ("XLA_FLAGS", "--xla_cpu_max_isa=AVX")),
     ),
     Backend(
         name="tensorflow",
