@@ -101,8 +101,13 @@ def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
 
 
 def apply_step(param: Any, u: Any, *, lr: Any, weight_decay: float) -> Any:
-    """Decoupled weight decay on the pre-update parameter, then ``- lr*u``."""
-    if weight_decay != 0:
+    """Decoupled weight decay on the pre-update parameter, then ``- lr*u``.
+
+    The decay is skipped only for a Python ``0``: an array ``weight_decay``
+    (a traced or injected hyperparameter) is always applied, since branching
+    on its value would break ``jax.jit`` (``1 - lr*0`` is exactly 1 anyway).
+    """
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         param = param * (1.0 - lr * weight_decay)
     return param - lr * u
 
