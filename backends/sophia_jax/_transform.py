@@ -123,7 +123,7 @@ class _Refresh(NamedTuple):
         if params is None:
             raise ValueError("params must be passed to update to refresh the Hessian estimate")
         n_probes = self.n_probes
-        if not isinstance(n_probes, numbers.Integral):
+        if "loss_fn" in inputs and not isinstance(n_probes, numbers.Integral):
             try:
                 n_probes = int(n_probes)
             except jax.errors.ConcretizationTypeError as exc:
@@ -148,6 +148,10 @@ class _Refresh(NamedTuple):
             ]
             return treedef.unflatten(folded), key
 
+        if not isinstance(due, jax.core.Tracer):
+            # Eager: run the estimate op by op, as numpy would (a lax.cond
+            # would compile the branch and let XLA fuse multiply-adds).
+            return refresh(state.h, state.key) if bool(due) else (state.h, state.key)
         return jax.lax.cond(due, refresh, lambda h, key: (h, key), state.h, state.key)
 
 
