@@ -69,6 +69,9 @@ def estimate_hessian(
 def _gnb(params: Any, key: jax.Array, logits_fn: Callable[[Any], Any], label_mask: Any,
          axis_name: Any) -> Any:
     """Sophia-G: sample labels from the model, ``ghat`` of their loss, ``N*ghat^2``."""
+    if axis_name is not None:
+        # Each device samples its own positions: independent noise per device.
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     logits, pullback = jax.vjp(logits_fn, params)
     z = jax.lax.stop_gradient(logits)
     noise_dtype = sophia_core.compute_dtype(z.dtype, xp=jnp)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import sophia_jax
 
 import sophia_core
-import sophia_jax
 
 
 def _linear_softmax(rng, n=6, d=4, v=5):
@@ -29,8 +29,8 @@ def test_gnb_refresh_is_n_ghat_squared_of_sampled_labels(rng):
     # The same draw by hand: the refresh splits the state's key once.
     _, subkey = jax.random.split(state.key)
     logits = logits_fn(params)
-    labels = sophia_core.sample_labels(logits, jax.random.uniform(subkey, logits.shape, jnp.float32),
-                                       mask=mask, xp=jnp)
+    uniform = jax.random.uniform(subkey, logits.shape, jnp.float32)
+    labels = sophia_core.sample_labels(logits, uniform, mask=mask, xp=jnp)
     assert int(sophia_core.num_positions(labels, xp=jnp)) == 4
     ghat = jax.grad(lambda p: sophia_core.masked_mean_cross_entropy(
         logits_fn(p), labels, xp=jnp))(params)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import sophia_jax
 from jax_helpers import HYPER, numpy_trajectory, stream
 
 import sophia_core
-import sophia_jax
 
 SHAPES = {"w": (4, 3), "b": (5,)}
 
@@ -34,7 +34,7 @@ def test_eager_trajectory_is_the_cores_bitwise(rng, dtype, refresh_at_start):
     expected = numpy_trajectory(params, steps, refresh_at_start=refresh_at_start)
     tx = _tx(refresh_at_start=refresh_at_start)
     theta, state = _as_jax(params), tx.init(_as_jax(params))
-    for t, ((grads, hhats), (p_ref, m_ref, h_ref)) in enumerate(zip(steps, expected)):
+    for t, ((grads, hhats), (p_ref, m_ref, h_ref)) in enumerate(zip(steps, expected, strict=True)):
         theta, state = tx.apply(_as_jax(grads), state, theta, hhat=_as_jax(hhats))
         assert int(state.count) == t + 1
         for k in SHAPES:
@@ -119,7 +119,7 @@ def test_refresh_follows_the_schedule(refresh_at_start):
     state = tx.init(params)
     grads = {"w": jnp.ones(2, jnp.float32)}
     refreshed = []
-    for t in range(7):
+    for _ in range(7):
         before = np.asarray(state.h["w"]).copy()
         _, state = tx.update(grads, state, params, hhat={"w": jnp.full(2, 1.0, jnp.float32)})
         refreshed.append(not np.array_equal(before, np.asarray(state.h["w"])))
@@ -196,7 +196,7 @@ def test_maximize_ascends():
 
 
 def test_scale_by_sophia_composes_to_sophia(rng):
-    """chain(scale_by_sophia, add_decayed_weights, scale_by_learning_rate) == sophia, to rounding."""
+    """chain(scale_by_sophia, add_decayed_weights, scale_by_learning_rate) ~ sophia."""
     params = _as_jax({k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()})
     hyper = dict(b1=0.9, b2=0.99, gamma=0.04, eps=1e-12, clip_threshold=1.0, hessian_interval=2)
     chained = optax.chain(sophia_jax.scale_by_sophia(**hyper), optax.add_decayed_weights(0.1),
