@@ -97,8 +97,11 @@ def _compute_scalar(value: Any, param: Any) -> Any:
 
 
 def _make_key(key: Any) -> jax.Array:
+    """A raw ``uint32[2]`` key (a plain array leaf) from a seed or any key."""
     if key is None:
         return jax.random.PRNGKey(0)
+    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
     if isinstance(key, numbers.Integral) or (hasattr(key, "shape") and key.shape == ()):
         return jax.random.PRNGKey(key)
     return jnp.asarray(key)

@@ -244,3 +244,11 @@ def test_estimator_argument_errors():
         sophia_jax.scale_by_sophia().update(params, state, None, hhat=params)
     with pytest.raises(ValueError, match="label_mask"):
         tx.update(params, state, params, label_mask=jnp.ones(2, bool))
+
+
+def test_key_from_seed_raw_or_typed_key():
+    params = {"w": jnp.zeros(2, jnp.float32)}
+    keys = [sophia_jax.sophia(key=k).init(params).key
+            for k in (3, jax.random.PRNGKey(3), jax.random.key(3))]
+    assert all(np.array_equal(k, keys[0]) for k in keys)
+    assert keys[0].dtype == jnp.uint32
