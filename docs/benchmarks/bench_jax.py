@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
-
 import sophia_jax
 
 
@@ -59,7 +58,9 @@ def random_tree(key, shapes, scale=0.02, positive=False):
 def no_refresh_hessian():
     """A ``hessian_diagonal_fn`` for optax.contrib.sophia (never due here anyway)."""
     return optax.GradientTransformationExtraArgs(
-        lambda params: optax.EmptyState(), lambda updates, state, params=None, **kw: (updates, state))
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None, **kw: (updates, state),
+    )
 
 
 class Loop:

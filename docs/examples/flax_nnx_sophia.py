@@ -15,9 +15,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-
 import sophia_jax
+from flax import nnx
 
 
 class MLP(nnx.Module):

@@ -15,7 +15,6 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
-
 import sophia_jax
 
 

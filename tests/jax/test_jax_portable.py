@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 import sophia_jax
 
 pytestmark = pytest.mark.skipif(
