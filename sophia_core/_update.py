@@ -77,19 +77,36 @@ def momentum_update(m: Any, grad: Any, *, b1: float, maximize: bool = False) -> 
 
 
 def _as_float(step: Any, dtype: Any, xp: Any) -> Any:
-    """A step count usable as an exponent: Python numbers stay Python."""
+    """A step count usable as an exponent: Python numbers stay Python.
+
+    A float64 array step stays float64 (see :func:`bias_corrected`); any
+    other array is cast to ``dtype``.
+    """
     if isinstance(step, (int, float)):
+        return step
+    if step.dtype == xp.float64:
         return step
     return xp.astype(step, dtype)
 
 
 def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
                    xp: Any = None) -> Any:
-    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``."""
+    """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``.
+
+    With a Python ``step`` the coefficient ``1 - b1**step`` is computed in
+    Python double precision and rounded once to ``m``'s dtype (what numpy
+    does). A float64 array ``step`` gives the same double-precision
+    coefficient inside compiled code (``jax.jit`` with x64, say), so float32
+    trajectories stay bitwise equal to numpy's; other array steps compute it
+    in ``m``'s dtype.
+    """
     if not bias_correction:
         return m
     xp = namespace_of(m, xp=xp)
-    return m / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+    correction = 1.0 - b1 ** _as_float(step, m.dtype, xp)
+    if not isinstance(correction, float):
+        correction = xp.astype(correction, m.dtype)
+    return m / correction
 
 
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,

@@ -96,6 +96,15 @@ def _compute_scalar(value: Any, param: Any) -> Any:
     return jnp.asarray(value).astype(sophia_core.compute_dtype(param.dtype, xp=jnp))
 
 
+def _step_exponent(count: jax.Array) -> jax.Array:
+    """The 1-based step as the widest float JAX has (float64 under x64).
+
+    ``sophia_core.bias_corrected`` then computes ``1 - b1**t`` in double
+    precision, as numpy does with a Python int and as ``optax`` does.
+    """
+    return optax.safe_int32_increment(count).astype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
 def _make_key(key: Any) -> jax.Array:
     """A raw ``uint32[2]`` key (a plain array leaf) from a seed or any key."""
     if key is None:
@@ -235,7 +244,7 @@ def scale_by_sophia(
 
     def direction(grads: Any, state: SophiaState, params: Any) -> tuple[Any, Any]:
         del params
-        step = optax.safe_int32_increment(state.count)
+        step = _step_exponent(state.count)
         treedef = jax.tree.structure(grads)
         us, ms = [], []
         for g, m, h in zip(treedef.flatten_up_to(grads), treedef.flatten_up_to(state.m),
@@ -360,7 +369,7 @@ def sophia(
         if params is None:
             raise ValueError("sophia's update needs params: tx.update(grads, state, params)")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        step = optax.safe_int32_increment(state.count)
+        step = _step_exponent(state.count)
         treedef = jax.tree.structure(params)
         thetas, ms = [], []
         for p, g, m, h, wd in zip(

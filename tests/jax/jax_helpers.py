@@ -11,12 +11,17 @@ HYPER = dict(lr=1e-2, b1=0.965, b2=0.99, gamma=0.04, weight_decay=0.1, eps=1e-12
              bias_correction=False, maximize=False)
 
 
-def stream(rng, shapes, dtype, steps):
-    """``steps`` (grads, hhats) dicts with the given leaf shapes; hhats may be negative."""
+def stream(rng, shapes, dtype, steps, hhat_scale=1.0):
+    """``steps`` (grads, hhats) dicts with the given leaf shapes; hhats may be negative.
+
+    With ``hhat_scale`` around 100 (and the default gamma) a good share of
+    the coordinates is not clipped, so bias correction shows in the step.
+    """
     out = []
     for _ in range(steps):
         grads = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
-        hhats = {k: (rng.normal(size=s) + 0.5).astype(dtype) for k, s in shapes.items()}
+        hhats = {k: ((rng.normal(size=s) + 0.5) * hhat_scale).astype(dtype)
+                 for k, s in shapes.items()}
         out.append((grads, hhats))
     return out
 
