@@ -14,7 +14,9 @@ import sys
 import nox
 
 ROOT = pathlib.Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("_sophia_backends", ROOT / "sophia_core" / "backends.py")
+_spec = importlib.util.spec_from_file_location(
+    "_sophia_backends", ROOT / "sophia_core" / "backends.py"
+)
 registry = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = registry  # dataclasses look the module up
 _spec.loader.exec_module(registry)

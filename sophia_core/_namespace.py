@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "NAMESPACE_FUNCTIONS",
+    "check_eps",
     "check_floating",
     "check_same_shape",
     "compute_dtype",
@@ -73,3 +74,23 @@ def compute_dtype(dtype: Any, *, xp: Any) -> Any:
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
     return xp.float32
+
+
+#: Smallest positive normal numbers of the compute dtypes (IEEE 754).
+_SMALLEST_NORMAL = {"float32": 2.0**-126, "float64": 2.0**-1022}
+
+
+def check_eps(eps: Any, dtype: Any, *, xp: Any) -> None:
+    """Raise ValueError if ``eps`` is not a normal number in ``dtype``.
+
+    ``max(gamma*h, eps)`` must stay positive: an eps that underflows in the
+    compute dtype would allow ``0 / 0``.
+    """
+    if not isinstance(eps, (int, float)):
+        return
+    name = "float64" if dtype == xp.float64 else "float32"
+    if eps < _SMALLEST_NORMAL[name]:
+        raise ValueError(
+            f"eps (epsilon) must be a normal {name} number (>= {_SMALLEST_NORMAL[name]:.3g}) "
+            f"for these parameters, got {eps!r}"
+        )

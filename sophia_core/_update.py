@@ -34,7 +34,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._namespace import check_floating, check_same_shape, compute_dtype, namespace_of
+from ._namespace import (
+    check_eps,
+    check_floating,
+    check_same_shape,
+    compute_dtype,
+    namespace_of,
+)
 
 __all__ = [
     "SophiaState",
@@ -93,20 +99,22 @@ def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
                    xp: Any = None) -> Any:
     """``m / (1 - b1**step)`` if ``bias_correction`` else ``m``.
 
-    With a Python ``step`` the coefficient ``1 - b1**step`` is computed in
-    Python double precision and rounded once to ``m``'s dtype (what numpy
-    does). A float64 array ``step`` gives the same double-precision
-    coefficient inside compiled code (``jax.jit`` with x64, say), so float32
-    trajectories stay bitwise equal to numpy's; other array steps compute it
-    in ``m``'s dtype.
+    Computed as ``m * (1 / (1 - b1**step))`` with the factor formed first (in
+    Python double precision for a Python ``step``): XLA rewrites division by
+    a constant into multiplication by its reciprocal, so writing the
+    multiplication ourselves keeps every backend on the same operation.
+    A float64 array ``step`` forms the factor in double precision too and
+    rounds it once to ``m``'s dtype, so compiled code with a traced step
+    (``jax.jit`` with x64) matches the Python-int path bit for bit in
+    float32; other array steps form it in ``m``'s dtype.
     """
     if not bias_correction:
         return m
     xp = namespace_of(m, xp=xp)
-    correction = 1.0 - b1 ** _as_float(step, m.dtype, xp)
-    if not isinstance(correction, float):
-        correction = xp.astype(correction, m.dtype)
-    return m / correction
+    factor = 1.0 / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+    if not isinstance(factor, float):
+        factor = xp.astype(factor, m.dtype)
+    return m * factor
 
 
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
@@ -161,6 +169,7 @@ def sophia_update(
         check_floating(name, array, xp=xp)
         check_same_shape("param", param, name, array)
     dtype = compute_dtype(param.dtype, xp=xp)
+    check_eps(eps, dtype, xp=xp)
     theta = xp.astype(param, dtype, copy=False)
     m = momentum_update(
         xp.astype(state.m, dtype, copy=False),

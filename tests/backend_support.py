@@ -16,7 +16,12 @@ from sophia_core.backends import BACKENDS, by_name, required_backends
 
 __all__ = ["NAMESPACE_NAMES", "namespace", "require", "to_numpy"]
 
-NAMESPACE_NAMES = [b.name for b in BACKENDS if b.namespace is not None]
+#: Namespaces the core tests run on: those the session requires (nox), or,
+#: in a plain pytest run, every namespace in the registry (missing ones skip).
+NAMESPACE_NAMES = [
+    b.name for b in BACKENDS
+    if b.namespace is not None and (not required_backends() or b.name in required_backends())
+]
 
 
 def require(name: str) -> Any:

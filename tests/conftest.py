@@ -8,12 +8,12 @@ import pytest
 from backend_support import NAMESPACE_NAMES, namespace
 
 
-@pytest.fixture(params=NAMESPACE_NAMES)
+@pytest.fixture(scope="session", params=NAMESPACE_NAMES)
 def xp(request: pytest.FixtureRequest) -> Any:
     """Each array namespace the core must run on."""
     return namespace(request.param)
 
 
-@pytest.fixture(params=["float32", "float64"])
+@pytest.fixture(scope="session", params=["float32", "float64"])
 def dtype_name(request: pytest.FixtureRequest) -> str:
     return request.param

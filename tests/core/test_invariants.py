@@ -1,0 +1,118 @@
+"""Property-based tests of the SPEC section 1 invariants, on every namespace.
+
+Hypothesis draws the arrays and hyperparameters in numpy; each namespace gets
+the same draw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from backend_support import to_numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import sophia_core as sc
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def finite(dtype, max_value):
+    return st.floats(min_value=-max_value, max_value=max_value, allow_nan=False,
+                     allow_infinity=False, width=np.dtype(dtype).itemsize * 8)
+
+
+@st.composite
+def cases(draw, dtype_name):
+    dtype = DTYPES[dtype_name]
+    n = draw(st.integers(1, 12))
+    big = float(np.finfo(dtype).max) / 4
+    arrays = [draw(hnp.arrays(dtype, (n,), elements=finite(dtype, big))) for _ in range(4)]
+    hp = dict(
+        step=draw(st.integers(1, 10_000)),
+        lr=draw(st.floats(0.0, 1.0)),
+        b1=draw(st.floats(0.0, 0.999)),
+        gamma=draw(st.floats(0.0, 100.0)),
+        weight_decay=draw(st.floats(0.0, 1.0)),
+        eps=draw(st.sampled_from([1e-12, 1e-8, 1e-3])),
+        clip_threshold=draw(st.floats(0.01, 10.0)),
+        bias_correction=draw(st.booleans()),
+        maximize=draw(st.booleans()),
+    )
+    return arrays, hp
+
+
+def run(xp, dtype_name, arrays, hp):
+    dtype = getattr(xp, dtype_name)
+    param, grad, m, h = (xp.asarray(a, dtype=dtype) for a in arrays)
+    new_param, new_state = sc.sophia_update(param, grad, sc.SophiaState(m, h), **hp)
+    return to_numpy(new_param).astype(np.float64), to_numpy(new_state.m).astype(np.float64)
+
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_step_is_bounded_and_finite(xp, dtype_name, data):
+    arrays, hp = data.draw(cases(dtype_name))
+    new_param, new_m = run(xp, dtype_name, arrays, hp)
+    assert np.all(np.isfinite(new_param)), "the update produced NaN/Inf from finite inputs"
+    assert not np.any(np.isnan(new_m))
+    param = arrays[0].astype(np.float64)
+    decayed = param * (1 - hp["lr"] * hp["weight_decay"])
+    bound = hp["lr"] * hp["clip_threshold"]
+    # one rounding of each term of theta*(1-lr*wd) - lr*u in the tested dtype
+    slack = 4 * np.finfo(DTYPES[dtype_name]).eps * (np.abs(decayed) + bound)
+    assert np.all(np.abs(new_param - decayed) <= bound + slack)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_nonpositive_h_gives_a_sign_step(xp, dtype_name, data):
+    arrays, hp = data.draw(cases(dtype_name))
+    arrays[3] = -np.abs(arrays[3])  # h <= 0: a fresh state or a negative Hutchinson EMA
+    hp.update(weight_decay=0.0, lr=0.5)
+    new_param, new_m = run(xp, dtype_name, arrays, hp)
+    dtype = DTYPES[dtype_name]
+    mhat = new_m / (1 - hp["b1"] ** hp["step"]) if hp["bias_correction"] else new_m
+    big = np.abs(mhat) >= hp["eps"] * hp["clip_threshold"]  # |mhat/eps| >= c: a full sign step
+    want = arrays[0].astype(np.float64) - 0.5 * hp["clip_threshold"] * np.sign(mhat)
+    tol = 4 * np.finfo(dtype).eps * (np.abs(want) + 1)
+    assert np.all(np.abs(new_param - want)[big] <= tol[big])
+    # never uphill: the step has the sign of -mhat
+    step = new_param - arrays[0].astype(np.float64)
+    assert np.all(step * np.sign(mhat) <= tol)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_zero_momentum_gives_no_step(xp, dtype_name, data):
+    arrays, hp = data.draw(cases(dtype_name))
+    arrays[1] = np.zeros_like(arrays[1])  # g = 0
+    arrays[2] = np.zeros_like(arrays[2])  # m = 0, so the new m is exactly 0
+    new_param, new_m = run(xp, dtype_name, arrays, hp)
+    assert np.all(new_m == 0)
+    dtype = DTYPES[dtype_name]
+    decayed = (arrays[0] * dtype(1 - hp["lr"] * hp["weight_decay"])).astype(np.float64)
+    # Only weight decay acts: exactly, except that XLA (jax) flushes subnormal
+    # results to zero, so agreement is to the smallest normal number.
+    tiny = float(np.finfo(dtype).smallest_normal)
+    np.testing.assert_allclose(new_param, decayed, rtol=0, atol=tiny)
+
+
+@pytest.mark.parametrize("narrow", ["float16", "bfloat16"])
+@SETTINGS
+@given(data=st.data())
+def test_narrow_dtypes_stay_finite(xp, narrow, data):
+    if not hasattr(xp, narrow):
+        pytest.skip(f"{xp.__name__} has no {narrow}")
+    arrays, hp = data.draw(cases("float32"))
+    dtype = getattr(xp, narrow)
+    limit = 60000.0 if narrow == "float16" else 1e30  # stay representable
+    param, grad = (xp.asarray(np.clip(a, -limit, limit), dtype=dtype) for a in arrays[:2])
+    state = sc.SophiaState(*(xp.asarray(a) for a in arrays[2:]))
+    new_param, new_state = sc.sophia_update(param, grad, state, **hp)
+    assert new_param.dtype == dtype
+    assert np.all(np.isfinite(to_numpy(xp.astype(new_param, xp.float32))))
