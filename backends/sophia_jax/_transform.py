@@ -426,7 +426,10 @@ def optax_contrib_sophia(
     call whose incoming count is a multiple of ``update_interval`` (count 0
     included). Pass ``loss_fn=`` where optax takes ``obj_fn=``, or ``hhat=``.
     With ``key`` equal to optax's ``random_seed`` the probes are optax's
-    (negated, which leaves ``u*Hu`` unchanged).
+    (negated, which leaves ``u*Hu`` unchanged). Steps agree bitwise except
+    where the bias correction enters an unclipped coordinate: optax divides
+    by ``1 - b1**t``, :func:`sophia_core.bias_corrected` multiplies by the
+    reciprocal (an ulp apart).
     """
     return optax.chain(
         scale_by_sophia(

@@ -37,7 +37,7 @@ def results():
 @pytest.mark.parametrize("name", [
     "four_devices",
     "jit_is_bitwise_with_numpy",
-    "optax_parity_is_bitwise",
+    "optax_parity",
     "sharded_equals_unsharded_and_state_follows_params",
     "sharded_hhat_stream_is_bitwise",
     "data_parallel_gnb_averages_ghat_before_squaring",
