@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from backend_support import to_numpy
 
 import sophia_core as sc
+from backend_support import to_numpy
 
 
 def softmax(z):

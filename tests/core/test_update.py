@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from backend_support import to_numpy
 
 import sophia_core as sc
+from backend_support import to_numpy
 
 PARAM = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, -0.25]])
 GRAD = np.array([[0.1, -0.2, 0.0], [5.0, 1e-3, -0.3]])
