@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import optax
-import sophia_jax
 from flax import nnx
+
+import jax
+import sophia_jax
 
 
 class MLP(nnx.Module):

@@ -14,18 +14,19 @@ import sys
 import time
 import traceback
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import jax
+
 sys.path.insert(0, os.path.dirname(__file__))
 import jax_helpers  # noqa: E402
-import sophia_jax  # noqa: E402
 import test_jax_optax_parity as parity  # noqa: E402
 
 import sophia_core  # noqa: E402
+import sophia_jax  # noqa: E402
 
 CHECKS = {}
 

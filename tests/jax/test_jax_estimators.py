@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sophia_jax
 
+import jax
 import sophia_core
+import sophia_jax
 
 
 def _linear_softmax(rng, n=6, d=4, v=5):

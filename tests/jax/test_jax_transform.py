@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sophia_jax
 from jax_helpers import HYPER, numpy_trajectory, stream
 
+import jax
 import sophia_core
+import sophia_jax
 
 SHAPES = {"w": (4, 3), "b": (5,)}
 
