@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
-import jax
 import sophia_core
 
 __all__ = ["ESTIMATOR_ARGS", "estimate_hessian", "estimator_inputs"]

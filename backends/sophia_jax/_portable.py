@@ -6,10 +6,9 @@ import numbers
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jax
 
 from ._transform import SophiaState, sophia_state
 

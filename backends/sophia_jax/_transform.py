@@ -12,10 +12,10 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
-import jax
 import sophia_core
 
 from ._estimators import estimate_hessian, estimator_inputs

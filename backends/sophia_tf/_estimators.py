@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 import sophia_core
-import tensorflow as tf
 
 from ._distribute import replica_sum
 from ._namespace import tf_namespace as xp

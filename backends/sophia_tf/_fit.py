@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 import sophia_core
-import tensorflow as tf
 
 from ._distribute import replica_sum
 from ._estimators import gnb_global, gnb_local, hutchinson_hessian

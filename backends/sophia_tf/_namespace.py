@@ -21,6 +21,7 @@ import types
 from typing import Any
 
 import tensorflow as tf
+
 from sophia_core import NAMESPACE_FUNCTIONS
 
 __all__ = ["tf_namespace"]

@@ -24,11 +24,11 @@ import random
 import statistics
 import time
 
+import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
 
-import jax
 import sophia_jax
 
 

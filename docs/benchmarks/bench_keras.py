@@ -25,9 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import sophia_tf  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 
 def gpt2_small_shapes(vocab: int = 50257, context: int = 1024, width: int = 768,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import jax
 import sophia_jax
 
 

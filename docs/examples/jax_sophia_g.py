@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
-import jax
 import sophia_jax
 
 

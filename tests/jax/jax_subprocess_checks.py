@@ -14,12 +14,11 @@ import sys
 import time
 import traceback
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jax_helpers  # noqa: E402

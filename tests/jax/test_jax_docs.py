@@ -6,10 +6,9 @@ import pathlib
 import re
 import runpy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jax
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 

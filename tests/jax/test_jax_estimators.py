@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import jax
 import sophia_core
 import sophia_jax
 

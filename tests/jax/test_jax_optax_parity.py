@@ -11,13 +11,13 @@ fuse differently: a few ulps.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
 import pytest
 
-import jax
 import sophia_jax
 
 SHAPES = {"w": (6, 4), "b": (4,)}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import jax
 import sophia_jax
 
 pytestmark = pytest.mark.skipif(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax_helpers import HYPER, numpy_trajectory, stream
 
-import jax
 import sophia_core
 import sophia_jax
 
