@@ -83,8 +83,14 @@ def momentum_update(m: Any, grad: Any, *, b1: float, maximize: bool = False) -> 
 
 
 def _as_float(step: Any, dtype: Any, xp: Any) -> Any:
-    """A step count usable as an exponent: Python numbers stay Python."""
+    """A step count usable as an exponent: Python numbers stay Python.
+
+    A float64 array step stays float64 (see :func:`bias_corrected`); any
+    other array is cast to ``dtype``.
+    """
     if isinstance(step, (int, float)):
+        return step
+    if step.dtype == xp.float64:
         return step
     return xp.astype(step, dtype)
 
@@ -97,11 +103,18 @@ def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
     Python double precision for a Python ``step``): XLA rewrites division by
     a constant into multiplication by its reciprocal, so writing the
     multiplication ourselves keeps every backend on the same operation.
+    A float64 array ``step`` forms the factor in double precision too and
+    rounds it once to ``m``'s dtype, so compiled code with a traced step
+    (``jax.jit`` with x64) matches the Python-int path bit for bit in
+    float32; other array steps form it in ``m``'s dtype.
     """
     if not bias_correction:
         return m
     xp = namespace_of(m, xp=xp)
-    return m * (1.0 / (1.0 - b1 ** _as_float(step, m.dtype, xp)))
+    factor = 1.0 / (1.0 - b1 ** _as_float(step, m.dtype, xp))
+    if not isinstance(factor, float):
+        factor = xp.astype(factor, m.dtype)
+    return m * factor
 
 
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
@@ -113,8 +126,13 @@ def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
 
 
 def apply_step(param: Any, u: Any, *, lr: Any, weight_decay: float) -> Any:
-    """Decoupled weight decay on the pre-update parameter, then ``- lr*u``."""
-    if weight_decay != 0:
+    """Decoupled weight decay on the pre-update parameter, then ``- lr*u``.
+
+    The decay is skipped only for a Python ``0``: an array ``weight_decay``
+    (a traced or injected hyperparameter) is always applied, since branching
+    on its value would break ``jax.jit`` (``1 - lr*0`` is exactly 1 anyway).
+    """
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         param = param * (1.0 - lr * weight_decay)
     return param - lr * u
 

@@ -1,0 +1,36 @@
+"""Sophia for JAX and optax.
+
+The math is ``sophia_core``'s (``jax.numpy`` is an array-API namespace);
+this package adds autodiff for the estimators, ``jax.random`` noise, the
+optax state and the ``jax.jit``/sharding glue. See ``docs/frameworks/jax.md``.
+
+>>> import jax.numpy as jnp, optax, sophia_jax
+>>> tx = optax.chain(optax.clip_by_global_norm(1.0), sophia_jax.sophia(3e-4))
+>>> state = tx.init({"w": jnp.zeros(2)})
+>>> int(sophia_jax.sophia_state(state).count)
+0
+"""
+
+from ._estimators import ESTIMATOR_ARGS, estimate_hessian
+from ._portable import export_state, import_state
+from ._transform import (
+    SophiaState,
+    SophiaTransformation,
+    optax_contrib_sophia,
+    scale_by_sophia,
+    sophia,
+    sophia_state,
+)
+
+__all__ = [
+    "ESTIMATOR_ARGS",
+    "SophiaState",
+    "SophiaTransformation",
+    "estimate_hessian",
+    "export_state",
+    "import_state",
+    "optax_contrib_sophia",
+    "scale_by_sophia",
+    "sophia",
+    "sophia_state",
+]
