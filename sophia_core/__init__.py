@@ -27,7 +27,7 @@ from ._hyperparameters import (
     Hyperparameters,
     validate_hyperparameters,
 )
-from ._namespace import NAMESPACE_FUNCTIONS, compute_dtype, namespace_of
+from ._namespace import NAMESPACE_FUNCTIONS, check_same_shape, compute_dtype, namespace_of
 from ._update import (
     SophiaState,
     apply_step,
@@ -53,6 +53,7 @@ __all__ = [
     "SophiaState",
     "apply_step",
     "bias_corrected",
+    "check_same_shape",
     "clip_fraction",
     "compute_dtype",
     "gnb_estimate",

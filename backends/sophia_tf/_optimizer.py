@@ -259,6 +259,8 @@ class Sophia(keras.optimizers.Optimizer):
             )
         pairs = [(h, ops.convert_to_tensor(hhat))
                  for h, hhat in zip(self._sophia_h, hhats, strict=True) if hhat is not None]
+        for h, hhat in pairs:  # every estimate is checked before any h is written
+            sophia_core.check_same_shape("h", h, "hhat", hhat)
         b2 = self._hyperparameters.b2
 
         def fold(h, hhat):

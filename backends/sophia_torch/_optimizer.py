@@ -330,6 +330,7 @@ class Sophia(Optimizer):
                 f"update_hessian got {len(hhats)} estimates for {len(params)} parameters "
                 "(one per parameter, in param_groups order; None to skip one)")
         index = 0
+        folded = []  # every estimate is checked before any h is written
         for group in self.param_groups:
             b2 = group["betas"][1]
             for p in group["params"]:
@@ -340,7 +341,9 @@ class Sophia(Optimizer):
                 if torch.is_complex(p):
                     _check_grad(p, hhat)
                 h = self._state_for(p)["h"]
-                h.copy_(hessian_ema(h, hhat.detach(), b2=b2, xp=xp))
+                folded.append((h, hessian_ema(h, hhat.detach(), b2=b2, xp=xp)))
+        for h, new_h in folded:
+            h.copy_(new_h)
 
     # -- the step ----------------------------------------------------------------
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import sophia_tf
-import tensorflow as tf
 
 from ..scenarios import state_dtype
 from . import Driver, Snapshot, Trajectory

@@ -9,8 +9,9 @@ schedule sets ``param_group["lr"]`` before each step, which is what every
 from __future__ import annotations
 
 import numpy as np
-import sophia_torch
 import torch
+
+import sophia_torch
 
 from ..scenarios import state_dtype
 from . import Driver, Snapshot, Trajectory

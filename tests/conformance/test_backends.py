@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 import pytest
-
 from backend_support import require
+
 from conformance.run import certified_backends
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
