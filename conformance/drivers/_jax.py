@@ -17,6 +17,7 @@ jax.config.update("jax_enable_x64", True)  # float64 scenarios  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
 import sophia_jax  # noqa: E402
 
 from .. import fma_guarded  # noqa: E402
