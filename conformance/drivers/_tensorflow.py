@@ -64,14 +64,21 @@ class TensorflowDriver(Driver):
         self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=f"p{i}")
                           for i, p in enumerate(params)]
         lr = hyper.lr if learning_rates is None else _TableSchedule(learning_rates)
-        self.opt = sophia_tf.SophiaG(
-            learning_rate=lr, beta_1=hyper.b1, beta_2=hyper.b2, gamma=hyper.gamma,
-            weight_decay=hyper.weight_decay, epsilon=hyper.eps,
-            clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
-            refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
-            maximize=hyper.maximize,
-        )
-        self.opt.build(self.variables)
+        # Keras keeps the learning rate in a variable of dtype floatx: a float64
+        # model sets floatx to float64, as a Keras user training in float64 does.
+        floatx = keras.config.floatx()
+        keras.config.set_floatx("float64" if dtype == "float64" else "float32")
+        try:
+            self.opt = sophia_tf.SophiaG(
+                learning_rate=lr, beta_1=hyper.b1, beta_2=hyper.b2, gamma=hyper.gamma,
+                weight_decay=hyper.weight_decay, epsilon=hyper.eps,
+                clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
+                refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
+                maximize=hyper.maximize,
+            )
+            self.opt.build(self.variables)
+        finally:
+            keras.config.set_floatx(floatx)
 
     # The protocol calls run eagerly (short runs: errors, estimators, portable
     # state); ``run`` compiles the 1,000-step loop.

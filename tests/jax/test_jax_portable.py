@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +9,6 @@ import optax
 import pytest
 
 import sophia_jax
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("sophia_core.portable") is None,
-    reason="sophia_core.portable (the conformance branch) is not merged here yet",
-)
 
 
 def _trained(rng, tx, params, steps=3):

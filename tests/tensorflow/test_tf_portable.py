@@ -1,18 +1,6 @@
-"""export_state / import_state over sophia_core.portable (no pickle).
-
-If ``sophia_core.portable`` is not on this branch yet, a stand-in with its
-documented signature (``save_state(path, *, step, ms, hs, hyperparameters)``,
-``load_state(path) -> PortableState(step, ms, hs, hyperparameters)``) is used,
-so the adapter's side of the contract is still tested.
-"""
+"""export_state / import_state over sophia_core.portable (no pickle)."""
 
 from __future__ import annotations
-
-import importlib
-import json
-import sys
-import types
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,45 +9,11 @@ from tf_support import bitwise_equal, keras, tf
 import sophia_tf
 
 
-class _PortableState(NamedTuple):
-    step: int
-    ms: list
-    hs: list
-    hyperparameters: dict
-
-
-def _stand_in() -> types.ModuleType:
-    module = types.ModuleType("sophia_core.portable")
-
-    def save_state(path, *, step, ms, hs, hyperparameters):
-        arrays = {f"m{i}": np.asarray(m) for i, m in enumerate(ms)}
-        arrays.update({f"h{i}": np.asarray(h) for i, h in enumerate(hs)})
-        np.savez(path, step=np.asarray(step), count=np.asarray(len(ms)),
-                 hyperparameters=np.asarray(json.dumps(hyperparameters)), **arrays)
-
-    def load_state(path):
-        with np.load(path, allow_pickle=False) as data:
-            n = int(data["count"])
-            return _PortableState(int(data["step"]), [data[f"m{i}"] for i in range(n)],
-                                  [data[f"h{i}"] for i in range(n)],
-                                  json.loads(str(data["hyperparameters"])))
-
-    module.save_state, module.load_state, module.PortableState = (
-        save_state, load_state, _PortableState)
-    return module
-
-
 @pytest.fixture
-def portable(monkeypatch):
-    try:
-        return importlib.import_module("sophia_core.portable")
-    except ImportError:
-        module = _stand_in()
-        monkeypatch.setitem(sys.modules, "sophia_core.portable", module)
-        import sophia_core
+def portable():
+    import sophia_core.portable
 
-        monkeypatch.setattr(sophia_core, "portable", module, raising=False)
-        return module
+    return sophia_core.portable
 
 
 def test_export_import_round_trip(tmp_path, portable):

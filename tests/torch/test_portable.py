@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from backend_support import require
 
 torch = require("torch")
 import sophia_torch  # noqa: E402
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("sophia_core.portable") is None,
-    reason="sophia_core.portable is not on this branch yet (the lead enables this after merging)",
-)
 
 
 def _trained(dtype=torch.float32, steps=5):
