@@ -28,23 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
+from gpt2_shapes import gpt2_small_shapes  # docs/benchmarks/, beside this script
 
 import sophia_jax
-
-
-def gpt2_small_shapes(layers=12, width=768, vocab=50257, context=1024):
-    """The 148 parameter tensors of GPT-2 small (124,439,808 parameters)."""
-    shapes = {"wte": (vocab, width), "wpe": (context, width)}
-    for i in range(layers):
-        shapes |= {
-            f"h{i}.ln_1.w": (width,), f"h{i}.ln_1.b": (width,),
-            f"h{i}.attn.c_attn.w": (width, 3 * width), f"h{i}.attn.c_attn.b": (3 * width,),
-            f"h{i}.attn.c_proj.w": (width, width), f"h{i}.attn.c_proj.b": (width,),
-            f"h{i}.ln_2.w": (width,), f"h{i}.ln_2.b": (width,),
-            f"h{i}.mlp.c_fc.w": (width, 4 * width), f"h{i}.mlp.c_fc.b": (4 * width,),
-            f"h{i}.mlp.c_proj.w": (4 * width, width), f"h{i}.mlp.c_proj.b": (width,),
-        }
-    return shapes | {"ln_f.w": (width,), "ln_f.b": (width,)}
 
 
 def random_tree(key, shapes, scale=0.02, positive=False):

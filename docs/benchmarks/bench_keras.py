@@ -26,24 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from gpt2_shapes import gpt2_small_shapes  # noqa: E402
 
 import sophia_tf  # noqa: E402
-
-
-def gpt2_small_shapes(vocab: int = 50257, context: int = 1024, width: int = 768,
-                      layers: int = 12) -> list[tuple[int, ...]]:
-    """The parameter shapes of GPT-2 small (Hugging Face's layout)."""
-    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
-    for _ in range(layers):
-        shapes += [
-            (width,), (width,),                       # ln_1
-            (width, 3 * width), (3 * width,),         # attn.c_attn
-            (width, width), (width,),                 # attn.c_proj
-            (width,), (width,),                       # ln_2
-            (width, 4 * width), (4 * width,),         # mlp.c_fc
-            (4 * width, width), (width,),             # mlp.c_proj
-        ]
-    return shapes + [(width,), (width,)]              # ln_f
 
 
 def scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
@@ -68,7 +53,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0)
     args = parser.parse_args()
 
-    shapes = [scaled(s, args.scale) for s in gpt2_small_shapes()]
+    shapes = [scaled(s, args.scale) for s in gpt2_small_shapes().values()]
     rng = np.random.default_rng(0)
     grads = [tf.constant(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
     count = sum(int(np.prod(s)) for s in shapes)

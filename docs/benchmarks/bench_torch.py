@@ -22,28 +22,12 @@ import statistics
 import time
 
 import torch
+from gpt2_shapes import gpt2_small_shapes  # docs/benchmarks/, beside this script
 
 import sophia_torch
 
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """GPT-2 small (124M): token and position embeddings, 12 blocks, final LayerNorm."""
-    width, vocab, context, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(vocab, width), (context, width)]
-    for _ in range(layers):
-        shapes += [
-            (width,), (width,),                      # ln_1
-            (width, 3 * width), (3 * width,),        # attn.c_attn
-            (width, width), (width,),                # attn.c_proj
-            (width,), (width,),                      # ln_2
-            (width, 4 * width), (4 * width,),        # mlp.c_fc
-            (4 * width, width), (width,),            # mlp.c_proj
-        ]
-    return shapes + [(width,), (width,)]              # ln_f
-
-
 CASES = {
-    "gpt2": gpt2_small_shapes,
+    "gpt2": lambda: list(gpt2_small_shapes().values()),
     "many": lambda: [(4096,)] * 2000,
 }
 
