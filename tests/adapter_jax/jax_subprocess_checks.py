@@ -1,6 +1,6 @@
 """Checks that need XLA flags set before jax starts; run by test_jax_subprocess.py.
 
-Run as ``python tests/jax/jax_subprocess_checks.py`` with
+Run as ``python tests/adapter_jax/jax_subprocess_checks.py`` with
 ``XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_max_isa=AVX"``
 (no FMA contraction, four CPU devices). Prints one JSON object
 ``{check: "ok" | error message}`` on the last line.
