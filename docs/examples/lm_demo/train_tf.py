@@ -118,18 +118,10 @@ class Trainer:
         return loss
 
     def _gnb_estimate(self, x):
-        """Sophia-G: labels sampled from the model, hhat = N * ghat**2."""
+        """Sophia-G's hhat = N * ghat**2 at labels sampled from the model."""
         import sophia_tf
 
-        xp = sophia_tf.namespace
-        with tf.GradientTape() as tape:
-            logits = self.model(x)
-            uniform = self.rng.uniform(tf.shape(logits))
-            labels = sophia_core.sample_labels(tf.stop_gradient(logits), uniform, xp=xp)
-            sampled = sophia_core.masked_mean_cross_entropy(logits, labels, xp=xp)
-        grads = tape.gradient(sampled, self.variables)
-        positions = float(self.config.batch_size * self.config.context)
-        return [sophia_core.gnb_estimate(g, positions, xp=xp) for g in grads]
+        return sophia_tf.gnb_hessian(lambda: self.model(x), self.variables, generator=self.rng)
 
     def _eval_loss(self, x, y):
         return mean_cross_entropy(self.model(x), y)
@@ -142,13 +134,11 @@ class Trainer:
             self._gnb.get_concrete_function(spec)
 
     def refresh_due(self) -> bool:
-        return self.sophia and bool(sophia_core.refresh_due(
-            int(self.opt.iterations.numpy()), hessian_interval=self.config.hessian_interval))
+        return self.sophia and bool(self.opt.hessian_refresh_due())
 
     def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
         hhats = self._gnb(tf.constant(x))
         self.opt.update_hessian(hhats)
-        [h.numpy() for h in hhats[:1]]  # wait for the work (eager: already done)
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         return float(self._step(tf.constant(x), tf.constant(y)))
@@ -165,8 +155,9 @@ class Trainer:
         import sophia_tf
 
         return float(sophia_core.clip_fraction(
-            [m for m, _ in slots], [h for _, h in slots], gamma=c.sophia_gamma, eps=1e-12,
-            clip_threshold=1.0, xp=sophia_tf.namespace))
+            [tf.convert_to_tensor(m) for m, _ in slots],
+            [tf.convert_to_tensor(h) for _, h in slots],
+            gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0, xp=sophia_tf.tf_namespace))
 
 
 def train(config: Config, batches, optimizer: str, lr: float, *, progress: bool = True,
