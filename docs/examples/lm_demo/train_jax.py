@@ -95,7 +95,8 @@ class Trainer:
         """Compile every function once; the results are discarded (pure functions)."""
         jax.block_until_ready(self._step(self.params, self.state, x, y, None))
         if self.sophia:
-            hhat = self._gnb(self.params, x, self.key)
+            _, key = jax.random.split(self.key)
+            hhat = self._gnb(self.params, x, key)
             jax.block_until_ready(self._step(self.params, self.state, x, y, hhat))
         for cx, cy in chunks[:1] + chunks[-1:]:
             jax.block_until_ready(self._loss(self.params, cx, cy))

@@ -107,7 +107,7 @@ class Trainer:
         spec = tf.TensorSpec((config.batch_size, config.context), tf.int32)
         eval_spec = tf.TensorSpec((None, config.context), tf.int32)
         self._step = tf.function(self._train_step, input_signature=[spec, spec])
-        self._gnb = tf.function(self._gnb_estimate, input_signature=[spec])
+        self._refresh = tf.function(self._gnb_refresh, input_signature=[spec])
         self._loss = tf.function(self._eval_loss, input_signature=[eval_spec, eval_spec])
 
     def _train_step(self, x, y):
@@ -117,11 +117,13 @@ class Trainer:
         self.opt.apply_gradients(zip(grads, self.variables, strict=True))
         return loss
 
-    def _gnb_estimate(self, x):
-        """Sophia-G's hhat = N * ghat**2 at labels sampled from the model."""
+    def _gnb_refresh(self, x):
+        """Fold Sophia-G's hhat = N * ghat**2, at labels sampled from the model, into h."""
         import sophia_tf
 
-        return sophia_tf.gnb_hessian(lambda: self.model(x), self.variables, generator=self.rng)
+        hhats = sophia_tf.gnb_hessian(lambda: self.model(x), self.variables, generator=self.rng)
+        self.opt.update_hessian(hhats)
+        return hhats[0]
 
     def _eval_loss(self, x, y):
         return mean_cross_entropy(self.model(x), y)
@@ -131,14 +133,13 @@ class Trainer:
         spec = tf.TensorSpec((self.config.batch_size, self.config.context), tf.int32)
         self._step.get_concrete_function(spec, spec)
         if self.sophia:
-            self._gnb.get_concrete_function(spec)
+            self._refresh.get_concrete_function(spec)
 
     def refresh_due(self) -> bool:
         return self.sophia and bool(self.opt.hessian_refresh_due())
 
     def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
-        hhats = self._gnb(tf.constant(x))
-        self.opt.update_hessian(hhats)
+        self._refresh(tf.constant(x)).numpy()  # .numpy(): wait for the work
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         return float(self._step(tf.constant(x), tf.constant(y)))
