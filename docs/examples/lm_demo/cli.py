@@ -12,7 +12,16 @@ import pathlib
 import sys
 import time
 
-from .common import PRESETS, Config, count_params, format_table, machine, plot, save_results
+from .common import (
+    PRESETS,
+    Config,
+    count_params,
+    format_table,
+    load_average,
+    machine,
+    plot,
+    save_results,
+)
 from .data import Batches, load_corpus
 
 BACKENDS = {"torch": "train_torch", "jax": "train_jax", "tensorflow": "train_tf"}
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> list:
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise SystemExit(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     corpus = load_corpus()
     batches = Batches(corpus, batch_size=config.batch_size, context=config.context,
                       seed=config.seed, validation_windows=config.validation_windows)
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> list:
                                     threads=args.threads))
     print()
     print(format_table(results))
+    print("CPU time (all threads): " + ", ".join(f"{r.optimizer} {r.cpu_s:.1f} s" for r in results))
     print("wall time: training steps and Hessian refreshes (validation excluded); "
           "clip fraction: share of coordinates whose Sophia step is not clipped "
           "(sophia_core.clip_fraction; the authors aim for 0.1-0.5).")
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> list:
     if args.json:
         save_results(results, args.json, config=config.__dict__, machine=machine(),
                      backend=args.backend, corpus=corpus.describe())
-    print(f"total time: {time.perf_counter() - started:.1f} s")
+    print(f"total time: {time.perf_counter() - started:.1f} s wall, "
+          f"{time.process_time() - cpu_started:.1f} s CPU; {load_average()}")
     sys.stdout.flush()
     return results

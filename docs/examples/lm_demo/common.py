@@ -135,6 +135,9 @@ class RunResult:
     train_loss: list[float] = dataclasses.field(default_factory=list)
     validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     wall_s: float = 0.0
+    #: CPU seconds (all threads) over the same span: on a shared machine,
+    #: ``cpu_s / cores`` is closer to what an idle machine's wall time would be.
+    cpu_s: float = 0.0
     #: Seconds spent computing and folding in Hessian estimates (Sophia only).
     refresh_s: float = 0.0
     refreshes: int = 0
@@ -186,6 +189,16 @@ def machine() -> str:
         pass
     return (f"{platform.processor() or platform.machine()}, {cpus} CPUs visible, "
             f"Python {platform.python_version()}, {platform.system()}")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (a shared machine slows every timing)."""
+    import os
+
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except (AttributeError, OSError):
+        return "load average unknown"
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:
@@ -255,13 +268,14 @@ def run_loop(trainer: Any, config: Config, batches: Any, result: RunResult, *,
                disable=not progress, leave=True, dynamic_ncols=True)
     for step in range(config.steps):
         x, y = batches.train(step)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if trainer.refresh_due():
             trainer.refresh(x, y)
             result.refresh_s += time.perf_counter() - start
             result.refreshes += 1
         loss = trainer.step(x, y, float(lrs[step]))
         result.wall_s += time.perf_counter() - start
+        result.cpu_s += time.process_time() - cpu_start
         result.train_loss.append(loss)
         result.steps = step + 1
         if result.steps % config.eval_interval == 0 or result.steps == config.steps:
