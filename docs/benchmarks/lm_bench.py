@@ -112,9 +112,87 @@ def convergence(args: argparse.Namespace) -> dict:
     }
 
 
+def sophia_h(args: argparse.Namespace) -> dict:
+    """PyTorch, Sophia-H: training-step time of ``sophia_torch.SophiaH`` and
+    ``pytorch_optimizer.SophiaH`` (where installed) against AdamW(foreach).
+
+    Each sample is ``k`` training steps of the demo model including one
+    Hutchinson refresh (double backward), timed interleaved; medians.
+    """
+    import sophia_torch
+    import torch
+    from lm_demo.train_torch import GPT, loss_fn
+
+    config = _config(args)
+    batches = _batches(config)
+    k = config.hessian_interval
+    candidates = {}
+
+    def make(name):
+        torch.manual_seed(config.seed)
+        model = GPT(config)
+        params = list(model.parameters())
+        if name == "AdamW(foreach)":
+            opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        elif name == "sophia_torch.SophiaH":
+            opt = sophia_torch.SophiaH(params, lr=1e-4, hessian_interval=k)
+        else:
+            import pytorch_optimizer
+
+            opt = pytorch_optimizer.SophiaH(params, lr=1e-4, update_period=k)
+        return model, params, opt
+
+    names = ["AdamW(foreach)", "sophia_torch.SophiaH"]
+    try:
+        import pytorch_optimizer  # noqa: F401
+
+        names.append("pytorch_optimizer.SophiaH")
+    except ImportError:
+        pass
+    for name in names:
+        candidates[name] = make(name)
+    generator = torch.Generator().manual_seed(0)
+
+    def train_step(name, step):
+        model, params, opt = candidates[name]
+        x, y = (torch.from_numpy(a) for a in batches.train(step))
+        loss = loss_fn(model(x), y.long())
+        opt.zero_grad(set_to_none=True)
+        if name == "sophia_torch.SophiaH" and opt.hessian_refresh_due():
+            hhats = sophia_torch.hutchinson_hessian(loss, params, generator=generator,
+                                                    retain_graph=True)
+            opt.update_hessian(hhats)
+            loss.backward()
+        elif name == "pytorch_optimizer.SophiaH" and step % k == 0:
+            loss.backward(create_graph=True)  # its step computes Hutchinson from the graph
+        else:
+            loss.backward()
+        opt.step()
+
+    # CPU flash attention has no double backward: every candidate uses the math kernel.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    samples = {name: [] for name in names}
+    with sdpa_kernel(SDPBackend.MATH):
+        _time_blocks(names, train_step, samples, args.repeats, k)
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    return {"framework": "torch", "k": k, "step_s": medians, "attention": "math kernel",
+            "ratio": {name: t / medians["AdamW(foreach)"] for name, t in medians.items()}}
+
+
+def _time_blocks(names, train_step, samples, repeats, k) -> None:
+    for repeat in range(repeats + 1):
+        for name in names:  # interleaved
+            start = time.perf_counter()
+            for step in range(repeat * k, (repeat + 1) * k):
+                train_step(name, step)
+            if repeat:  # the first block warms up
+                samples[name].append((time.perf_counter() - start) / k)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=("overhead", "convergence"))
+    parser.add_argument("task", choices=("overhead", "convergence", "sophia-h"))
     parser.add_argument("--framework", choices=tuple(BACKEND_NAMES), required=True)
     parser.add_argument("--size", choices=tuple(PRESETS), default="default")
     parser.add_argument("--steps", type=int)
@@ -124,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="convergence: learning rates as multiples of the demo's")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    result = overhead(args) if args.task == "overhead" else convergence(args)
+    result = {"overhead": overhead, "convergence": convergence, "sophia-h": sophia_h}[args.task](
+        args)
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     return result
 

@@ -103,23 +103,48 @@ def run(command: list[str], timeout: float) -> tuple[int, str]:
 
 # -- 1. speed -----------------------------------------------------------------
 
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?[x×]?$")
 
 
-def ratio_rows(output: str) -> list[tuple[str, str]]:
-    """(name, ratio) from a printed table whose last column is the ratio.
+def _fields(line: str) -> list[str]:
+    """Columns of a printed table row: split on pipes or runs of 2+ spaces."""
+    return [f for f in re.split(r"\s*\|\s*|\s{2,}", line.strip()) if f and set(f) != {"-"}]
 
-    A row is a line whose last field is a number and whose first field is
-    not; markdown pipes are allowed. The header line (with "ratio") is skipped.
+
+def _is_header(fields: list[str]) -> bool:
+    return len(fields) >= 2 and any(
+        "ratio" in f.lower() or f.lower().startswith("vs ") for f in fields)
+
+
+def ratio_rows(output: str) -> list[dict]:
+    """Rows of every table in ``output`` whose header has a ratio column.
+
+    A table is a header line naming a "ratio" or "vs ..." column, followed by
+    rows: a name, then numbers (one per remaining header column). Each row
+    gives ``{"table": title above the header, "name": ..., "ratios": {column:
+    value}}`` with only the ratio columns kept.
     """
-    rows = []
+    rows, header, title, last_text = [], None, "", ""
     for line in output.splitlines():
-        fields = [f for f in re.split(r"\s*\|\s*|\s{2,}", line.strip()) if f]
-        if len(fields) < 2 or "ratio" in line.lower():
+        fields = _fields(line)
+        if not fields:
+            header = None
             continue
-        last = fields[-1].rstrip("x×")
-        if _NUMBER.match(last) and not _NUMBER.match(fields[0]):
-            rows.append((fields[0], last))
+        if _is_header(fields):
+            header, title = fields, last_text
+            continue
+        numbers = [f for f in fields[1:] if _NUMBER.match(f)]
+        if header and numbers and len(numbers) == len(fields) - 1 and \
+                len(numbers) <= len(header) - 1:
+            labels = header[len(header) - len(numbers):]
+            ratios = {label: value.rstrip("x×") for label, value in zip(labels, numbers,
+                                                                          strict=True)
+                      if "ratio" in label.lower() or label.lower().startswith("vs ")}
+            if ratios:
+                rows.append({"table": title, "name": fields[0], "ratios": ratios})
+            continue
+        header = None
+        last_text = line.strip()
     return rows
 
 
@@ -135,7 +160,9 @@ def speed(args: argparse.Namespace) -> list[dict]:
         command = [sys.executable, str(path)]
         if args.quick:
             code, help_text = run([sys.executable, str(path), "--help"], 120)
-            if "--scale" in help_text:
+            if "--quick" in help_text:
+                command += ["--quick"]
+            elif "--scale" in help_text:
                 command += ["--scale", "0.1"]
             if "--repeats" in help_text:
                 command += ["--repeats", "3"]
@@ -144,12 +171,29 @@ def speed(args: argparse.Namespace) -> list[dict]:
         rows = ratio_rows(output) if code == 0 else []
         results.append({"framework": framework, "script": script, "returncode": code,
                         "output": output, "rows": rows})
+    results.append(sophia_h_speed(args))
     return results
 
 
+def sophia_h_speed(args: argparse.Namespace) -> dict:
+    """Sophia-H training steps on the demo model, incl. pytorch_optimizer's SophiaH."""
+    script = "lm_bench.py sophia-h"
+    extra = ["--size", "tiny", "--repeats", "2"] if args.quick else ["--repeats", "5"]
+    (result,) = lm_task("sophia-h", argparse.Namespace(**{**vars(args), "frameworks": ["torch"]}),
+                        extra)
+    if "ratio" not in result:
+        return {"framework": "torch", "script": script,
+                **({"skipped": result["skipped"]} if "skipped" in result
+                   else {"returncode": result.get("failed", 1)})}
+    table = f"demo model, training step incl. Hutchinson refresh every k={result['k']}"
+    rows = [{"table": table, "name": name, "ratios": {"vs AdamW": f"{ratio:.2f}"}}
+            for name, ratio in result["ratio"].items()]
+    return {"framework": "torch", "script": script, "returncode": 0, "rows": rows,
+            "output": json.dumps(result)}
+
+
 def speed_table(results: list[dict]) -> str:
-    lines = ["| framework | script | optimizer | time ratio to the script's baseline |",
-             "|---|---|---|---|"]
+    lines = ["| framework | table | optimizer | time ratios (same process) |", "|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['framework']} | - | skipped: {r['skipped']} | - |")
@@ -157,8 +201,10 @@ def speed_table(results: list[dict]) -> str:
             failed = f"failed (exit {r['returncode']})"
             lines.append(f"| {r['framework']} | {r['script']} | {failed} | - |")
         else:
-            for name, ratio in r["rows"]:
-                lines.append(f"| {r['framework']} | {r['script']} | {name} | {ratio} |")
+            for row in r["rows"]:
+                ratios = ", ".join(f"{k} {v}" for k, v in row["ratios"].items())
+                table = row["table"][:60] or r["script"]
+                lines.append(f"| {r['framework']} | {table} | {row['name']} | {ratios} |")
     return "\n".join(lines)
 
 
