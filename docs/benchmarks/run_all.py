@@ -75,7 +75,13 @@ def load() -> str:
 
 
 def available(framework: str) -> str | None:
-    """None if the framework and its adapter import, else the reason not."""
+    """None if the framework and its adapter import, else the reason not.
+
+    The checkout's ``backends/`` counts (the subprocesses get it on their path).
+    """
+    for folder in (str(ROOT / "backends"), str(ROOT)):
+        if folder not in sys.path:
+            sys.path.append(folder)
     for module in (FRAMEWORK_MODULES[framework], ADAPTERS[framework]):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
