@@ -191,7 +191,7 @@ def sophia_h_speed(args: argparse.Namespace) -> dict:
         return {"framework": "torch", "script": script,
                 **({"skipped": result["skipped"]} if "skipped" in result
                    else {"returncode": result.get("failed", 1)})}
-    table = f"demo model, training step incl. Hutchinson refresh every k={result['k']}"
+    table = f"demo model, train step + Hutchinson every k={result['k']}"
     rows = [{"table": table, "name": name, "ratios": {"vs AdamW": f"{ratio:.2f}"}}
             for name, ratio in result["ratio"].items()]
     return {"framework": "torch", "script": script, "returncode": 0, "rows": rows,
@@ -209,7 +209,7 @@ def speed_table(results: list[dict]) -> str:
         else:
             for row in r["rows"]:
                 ratios = ", ".join(f"{k} {v}" for k, v in row["ratios"].items())
-                table = row["table"][:60] or r["script"]
+                table = row["table"][:70] or r["script"]
                 lines.append(f"| {r['framework']} | {table} | {row['name']} | {ratios} |")
     return "\n".join(lines)
 
