@@ -1,0 +1,5 @@
+"""``python -m lm_demo`` (with ``docs/examples`` on the path)."""
+
+from .cli import main
+
+main()

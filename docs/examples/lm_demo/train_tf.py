@@ -1,0 +1,171 @@
+"""The demo in TensorFlow/Keras: ``keras.optimizers.AdamW`` against
+``sophia_tf.SophiaG``, in a custom loop (the Hessian refresh needs its own
+gradient), each piece a ``tf.function``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import sophia_core  # noqa: E402
+
+from .common import Config, RunResult, init_params, lr_table, run_loop  # noqa: E402
+
+
+class LearningRateTable(keras.optimizers.schedules.LearningRateSchedule):
+    """The shared per-step learning rates, looked up by the optimizer's step."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = tf.constant(table, dtype=tf.float32)
+
+    def __call__(self, step):
+        index = tf.minimum(tf.cast(step, tf.int32), tf.shape(self.table)[0] - 1)
+        return tf.gather(self.table, index)
+
+    def get_config(self) -> dict:
+        return {"table": self.table.numpy().tolist()}
+
+
+def layer_norm(x: tf.Tensor, scale: tf.Tensor, eps: float = 1e-5) -> tf.Tensor:
+    mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + eps) * scale
+
+
+class GPT(keras.Model):
+    """The shared byte-level GPT (see :mod:`lm_demo.common`) as Keras weights."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.w = {}
+        for name, value in init_params(config).items():
+            self.w[name] = self.add_weight(
+                shape=value.shape, initializer=keras.initializers.Constant(value),
+                name=name.replace(".", "_"), dtype="float32")
+        length = config.context
+        self.causal = tf.constant(np.tril(np.ones((length, length), dtype=bool)))
+
+    def call(self, idx: tf.Tensor) -> tf.Tensor:
+        c, w = self.config, self.w
+        batch, length = tf.shape(idx)[0], idx.shape[1]
+        d, heads = c.n_embd, c.n_head
+        x = tf.gather(w["wte"], idx) + w["wpe"][:length]
+        mask = self.causal[:length, :length]
+        for layer in range(c.n_layer):
+            p = f"h{layer}."
+            a = layer_norm(x, w[p + "ln1"])
+            q, k, v = tf.split(a @ w[p + "attn.qkv"], 3, axis=-1)
+            q, k, v = (tf.transpose(tf.reshape(t, (batch, length, heads, d // heads)), (0, 2, 1, 3))
+                       for t in (q, k, v))
+            scores = tf.matmul(q, k, transpose_b=True) / math.sqrt(d // heads)
+            scores = tf.where(mask, scores, tf.constant(-1e30, scores.dtype))
+            att = tf.matmul(tf.nn.softmax(scores, axis=-1), v)
+            att = tf.reshape(tf.transpose(att, (0, 2, 1, 3)), (batch, length, d))
+            x = x + att @ w[p + "attn.proj"]
+            a = layer_norm(x, w[p + "ln2"])
+            x = x + tf.nn.gelu(a @ w[p + "mlp.fc"], approximate=True) @ w[p + "mlp.proj"]
+        x = layer_norm(x, w["lnf"])
+        return tf.matmul(x, w["wte"], transpose_b=True)
+
+
+def mean_cross_entropy(logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
+
+
+class Trainer:
+    def __init__(self, config: Config, optimizer: str, lr: float) -> None:
+        keras.utils.set_random_seed(config.seed)
+        self.config = config
+        self.sophia = optimizer == "sophia-g"
+        self.model = GPT(config)
+        self.variables = list(self.model.trainable_variables)
+        schedule = LearningRateTable(lr_table(lr, config))
+        if self.sophia:
+            import sophia_tf
+
+            self.opt = sophia_tf.SophiaG(
+                learning_rate=schedule, beta_1=config.sophia_b1, beta_2=config.sophia_b2,
+                gamma=config.sophia_gamma, weight_decay=config.sophia_weight_decay,
+                hessian_interval=config.hessian_interval,
+            )
+        else:
+            b1, b2 = config.adamw_betas
+            self.opt = keras.optimizers.AdamW(
+                learning_rate=schedule, beta_1=b1, beta_2=b2, epsilon=1e-8,
+                weight_decay=config.adamw_weight_decay)
+        self.opt.build(self.variables)
+        self.rng = tf.random.Generator.from_seed(config.seed)
+        spec = tf.TensorSpec((config.batch_size, config.context), tf.int32)
+        eval_spec = tf.TensorSpec((None, config.context), tf.int32)
+        self._step = tf.function(self._train_step, input_signature=[spec, spec])
+        self._refresh = tf.function(self._gnb_refresh, input_signature=[spec])
+        self._loss = tf.function(self._eval_loss, input_signature=[eval_spec, eval_spec])
+
+    def _train_step(self, x, y):
+        with tf.GradientTape() as tape:
+            loss = mean_cross_entropy(self.model(x), y)
+        grads = tape.gradient(loss, self.variables)
+        self.opt.apply_gradients(zip(grads, self.variables, strict=True))
+        return loss
+
+    def _gnb_refresh(self, x):
+        """Fold Sophia-G's hhat = N * ghat**2, at labels sampled from the model, into h."""
+        import sophia_tf
+
+        hhats = sophia_tf.gnb_hessian(lambda: self.model(x), self.variables, generator=self.rng)
+        self.opt.update_hessian(hhats)
+        return hhats[0]
+
+    def _eval_loss(self, x, y):
+        return mean_cross_entropy(self.model(x), y)
+
+    def warmup(self, x: np.ndarray, y: np.ndarray, chunks: list) -> None:
+        """Trace the functions without running them (running would train)."""
+        spec = tf.TensorSpec((self.config.batch_size, self.config.context), tf.int32)
+        self._step.get_concrete_function(spec, spec)
+        if self.sophia:
+            self._refresh.get_concrete_function(spec)
+
+    def refresh_due(self) -> bool:
+        return self.sophia and bool(self.opt.hessian_refresh_due())
+
+    def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
+        self._refresh(tf.constant(x)).numpy()  # .numpy(): wait for the work
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        return float(self._step(tf.constant(x), tf.constant(y)))
+
+    def evaluate(self, chunks: list) -> float:
+        total = sum(float(self._loss(tf.constant(x), tf.constant(y))) * y.size for x, y in chunks)
+        return total / sum(y.size for _, y in chunks)
+
+    def clip_fraction(self) -> float | None:
+        if not self.sophia:
+            return None
+        slots = [self.opt.sophia_slots(v) for v in self.variables]
+        c = self.config
+        import sophia_tf
+
+        return float(sophia_core.clip_fraction(
+            [tf.convert_to_tensor(m) for m, _ in slots],
+            [tf.convert_to_tensor(h) for _, h in slots],
+            gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0, xp=sophia_tf.tf_namespace))
+
+
+def train(config: Config, batches, optimizer: str, lr: float, *, progress: bool = True,
+          threads: int | None = None) -> RunResult:
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    trainer = Trainer(config, optimizer, lr)
+    result = RunResult(backend="tensorflow", optimizer=optimizer, lr=lr)
+    return run_loop(trainer, config, batches, result, progress=progress)
+
