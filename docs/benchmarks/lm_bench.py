@@ -119,9 +119,10 @@ def sophia_h(args: argparse.Namespace) -> dict:
     Each sample is ``k`` training steps of the demo model including one
     Hutchinson refresh (double backward), timed interleaved; medians.
     """
-    import sophia_torch
     import torch
     from lm_demo.train_torch import GPT, loss_fn
+
+    import sophia_torch
 
     config = _config(args)
     batches = _batches(config)
