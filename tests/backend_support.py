@@ -14,7 +14,7 @@ import pytest
 
 from sophia_core.backends import BACKENDS, by_name, required_backends
 
-__all__ = ["NAMESPACE_NAMES", "namespace", "require", "to_numpy"]
+__all__ = ["NAMESPACE_NAMES", "namespace", "require", "require_adapter", "to_numpy"]
 
 #: Namespaces the core tests run on: those the session requires (nox), or,
 #: in a plain pytest run, every namespace in the registry (missing ones skip).
@@ -34,6 +34,21 @@ def require(name: str) -> Any:
             pytest.fail(f"backend {name!r} is required in this session but does not import: {exc}")
         # allow_module_level: test modules may call require() at import time.
         pytest.skip(f"backend {name!r} is not installed", allow_module_level=True)
+
+
+def require_adapter(name: str) -> Any:
+    """Import backend ``name``'s adapter package (and its framework): fail if
+    the session requires the backend, else skip when it does not import
+    (another session's framework, or its extra's dependencies, missing)."""
+    backend = by_name(name)
+    require(name)
+    try:
+        return importlib.import_module(backend.adapter)
+    except ImportError as exc:
+        if backend.name in required_backends():
+            pytest.fail(f"adapter {backend.adapter!r} is required in this session but does "
+                        f"not import: {exc}")
+        pytest.skip(f"adapter {backend.adapter!r} does not import here: {exc}")
 
 
 def namespace(name: str) -> Any:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from backend_support import require
+from backend_support import require_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO = ROOT / "docs" / "examples" / "lm_demo"
@@ -32,7 +32,7 @@ def _environment() -> dict[str, str]:
 
 @pytest.mark.parametrize("backend", sorted(ADAPTERS))
 def test_tiny_demo_trains_and_plots(backend: str, tmp_path: pathlib.Path) -> None:
-    require(backend)
+    require_adapter(backend)
     pytest.importorskip("matplotlib", reason="the demo's plot needs matplotlib")
     pytest.importorskip("tqdm", reason="the demo's progress bars need tqdm")
     png, record = tmp_path / "curves.png", tmp_path / "runs.json"
