@@ -266,25 +266,20 @@ def load_state(
                 raise ValueError(f"{where}: tensor {i}: {kind} has unsupported dtype {array.dtype}")
     _check_pairs(ms, hs, where)
     if expect_shapes is not None:
-        expect_shapes = [tuple(int(n) for n in shape) for shape in expect_shapes]
-        if len(expect_shapes) != count:
-            raise ValueError(
-                f"{where}: the file holds state for {count} tensors, expected {len(expect_shapes)}"
-            )
-        for i, (shape, m) in enumerate(zip(expect_shapes, ms, strict=True)):
-            if m.shape != shape:
-                raise ValueError(
-                    f"{where}: tensor {i}: expected shape {shape}, got {m.shape}"
-                )
+        shapes = [tuple(int(n) for n in shape) for shape in expect_shapes]
+        _check_expected("shape", shapes, [m.shape for m in ms], where)
     if expect_dtypes is not None:
-        expect_dtypes = [np.dtype(d) for d in expect_dtypes]
-        if len(expect_dtypes) != count:
-            raise ValueError(
-                f"{where}: the file holds state for {count} tensors, expected {len(expect_dtypes)}"
-            )
-        for i, (dtype, m) in enumerate(zip(expect_dtypes, ms, strict=True)):
-            if m.dtype != dtype:
-                raise ValueError(
-                    f"{where}: tensor {i}: expected dtype {dtype}, got {m.dtype}"
-                )
+        dtypes = [np.dtype(d) for d in expect_dtypes]
+        _check_expected("dtype", dtypes, [m.dtype for m in ms], where)
     return PortableState(step=int(step), ms=ms, hs=hs, hyperparameters=hyperparameters)
+
+
+def _check_expected(what: str, expected: list, found: list, where: str) -> None:
+    """Raise ValueError naming the tensor whose ``what`` differs from ``expected``."""
+    if len(expected) != len(found):
+        raise ValueError(
+            f"{where}: the file holds state for {len(found)} tensors, expected {len(expected)}"
+        )
+    for i, (want, got) in enumerate(zip(expected, found, strict=True)):
+        if want != got:
+            raise ValueError(f"{where}: tensor {i}: expected {what} {want}, got {got}")
