@@ -39,6 +39,7 @@ from ._update import (
     preconditioned_step,
     refresh_due,
     sophia_update,
+    unclipped_share,
 )
 
 __version__ = "0.1.0"
@@ -70,5 +71,6 @@ __all__ = [
     "refresh_due",
     "sample_labels",
     "sophia_update",
+    "unclipped_share",
     "validate_hyperparameters",
 ]

@@ -53,6 +53,7 @@ __all__ = [
     "preconditioned_step",
     "refresh_due",
     "sophia_update",
+    "unclipped_share",
 ]
 
 
@@ -212,7 +213,7 @@ def refresh_due(completed_steps: Any, *, hessian_interval: int,
     return due
 
 
-def clip_fraction(
+def unclipped_share(
     ms: Sequence[Any],
     hs: Sequence[Any],
     *,
@@ -245,6 +246,11 @@ def clip_fraction(
         unclipped = count if unclipped is None else unclipped + count
         total += _size(m)
     return unclipped / max(total, 1)
+
+
+#: The name :func:`unclipped_share` had in 0.1 (it never was a clipped
+#: fraction); kept so old code runs.
+clip_fraction = unclipped_share
 
 
 def _size(array: Any) -> int:

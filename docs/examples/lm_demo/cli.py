@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> list:
     print()
     print(format_table(results))
     print("CPU time (all threads): " + ", ".join(f"{r.optimizer} {r.cpu_s:.1f} s" for r in results))
-    print("wall time: training steps and Hessian refreshes (validation excluded); "
-          "clip fraction: share of coordinates whose Sophia step is not clipped "
-          "(sophia_core.clip_fraction; the authors aim for 0.1-0.5).")
+    print("wall time: training steps including Hessian refreshes (validation excluded); "
+          "refresh share: what the refresh steps took beyond a plain step; "
+          "unclipped share: coordinates whose Sophia step is not clipped "
+          "(sophia_core.unclipped_share; the authors aim for 0.1-0.5).")
     out = pathlib.Path(args.out.format(backend=args.backend))
     title = (f"byte-level GPT on the CPython stdlib ({args.backend}, "
              f"{config.n_layer}x{config.n_embd}, "

@@ -13,7 +13,7 @@ import optax
 
 import sophia_core
 
-from .common import Config, RunResult, init_params, lr_table, run_loop
+from .common import Config, RunResult, StepResult, init_params, lr_table, refresh_rows, run_loop
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -68,7 +68,6 @@ class Trainer:
         self.state = self.tx.init(self.params)
         self.key = jax.random.key(config.seed)
         self.completed = 0
-        self.hhat = None
 
         def loss_fn(params, x, y):
             return mean_cross_entropy(forward(params, x, config), y)
@@ -96,38 +95,35 @@ class Trainer:
         jax.block_until_ready(self._step(self.params, self.state, x, y, None))
         if self.sophia:
             _, key = jax.random.split(self.key)
-            hhat = self._gnb(self.params, x, key)
+            hhat = self._gnb(self.params, x[: refresh_rows(len(x), self.config)], key)
             jax.block_until_ready(self._step(self.params, self.state, x, y, hhat))
         for cx, cy in chunks[:1] + chunks[-1:]:
             jax.block_until_ready(self._loss(self.params, cx, cy))
 
-    def refresh_due(self) -> bool:
-        return self.sophia and bool(sophia_core.refresh_due(
-            self.completed, hessian_interval=self.config.hessian_interval))
-
-    def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.key, key = jax.random.split(self.key)
-        self.hhat = jax.block_until_ready(self._gnb(self.params, x, key))
-
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         # lr comes from the schedule inside the optimizer (same table).
-        hhat, self.hhat = self.hhat, None  # None: no refresh (a separate compilation)
+        refreshed = self.sophia and bool(sophia_core.refresh_due(
+            self.completed, hessian_interval=self.config.hessian_interval))
+        hhat = None  # None: no refresh (a separate compilation)
+        if refreshed:
+            self.key, key = jax.random.split(self.key)
+            hhat = self._gnb(self.params, x[: refresh_rows(len(x), self.config)], key)
         self.params, self.state, loss = self._step(self.params, self.state, x, y, hhat)
         self.completed += 1
-        return float(loss)
+        return StepResult(float(loss), refreshed)
 
     def evaluate(self, chunks: list) -> float:
         total = sum(float(self._loss(self.params, x, y)) * y.size for x, y in chunks)
         return total / sum(y.size for _, y in chunks)
 
-    def clip_fraction(self) -> float | None:
+    def unclipped_share(self) -> float | None:
         if not self.sophia:
             return None
         import sophia_jax
 
         s = sophia_jax.sophia_state(self.state)
         c = self.config
-        return float(sophia_core.clip_fraction(
+        return float(sophia_core.unclipped_share(
             jax.tree.leaves(s.m), jax.tree.leaves(s.h), gamma=c.sophia_gamma, eps=1e-12,
             clip_threshold=1.0, xp=jnp))
 

@@ -17,7 +17,15 @@ import tensorflow as tf  # noqa: E402
 
 import sophia_core  # noqa: E402
 
-from .common import Config, RunResult, init_params, lr_table, run_loop  # noqa: E402
+from .common import (  # noqa: E402
+    Config,
+    RunResult,
+    StepResult,
+    init_params,
+    lr_table,
+    refresh_rows,
+    run_loop,
+)
 
 
 class LearningRateTable(keras.optimizers.schedules.LearningRateSchedule):
@@ -105,9 +113,11 @@ class Trainer:
         self.opt.build(self.variables)
         self.rng = tf.random.Generator.from_seed(config.seed)
         spec = tf.TensorSpec((config.batch_size, config.context), tf.int32)
+        refresh_spec = tf.TensorSpec((refresh_rows(config.batch_size, config), config.context),
+                                     tf.int32)
         eval_spec = tf.TensorSpec((None, config.context), tf.int32)
         self._step = tf.function(self._train_step, input_signature=[spec, spec])
-        self._refresh = tf.function(self._gnb_refresh, input_signature=[spec])
+        self._refresh = tf.function(self._gnb_refresh, input_signature=[refresh_spec])
         self._loss = tf.function(self._eval_loss, input_signature=[eval_spec, eval_spec])
 
     def _train_step(self, x, y):
@@ -130,32 +140,28 @@ class Trainer:
 
     def warmup(self, x: np.ndarray, y: np.ndarray, chunks: list) -> None:
         """Trace the functions without running them (running would train)."""
-        spec = tf.TensorSpec((self.config.batch_size, self.config.context), tf.int32)
-        self._step.get_concrete_function(spec, spec)
+        self._step.get_concrete_function()
         if self.sophia:
-            self._refresh.get_concrete_function(spec)
+            self._refresh.get_concrete_function()
 
-    def refresh_due(self) -> bool:
-        return self.sophia and bool(self.opt.hessian_refresh_due())
-
-    def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
-        self._refresh(tf.constant(x)).numpy()  # .numpy(): wait for the work
-
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        return float(self._step(tf.constant(x), tf.constant(y)))
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+        refreshed = self.sophia and bool(self.opt.hessian_refresh_due())
+        if refreshed:  # on the first rows of this step's batch
+            self._refresh(tf.constant(x[: refresh_rows(len(x), self.config)]))
+        return StepResult(float(self._step(tf.constant(x), tf.constant(y))), refreshed)
 
     def evaluate(self, chunks: list) -> float:
         total = sum(float(self._loss(tf.constant(x), tf.constant(y))) * y.size for x, y in chunks)
         return total / sum(y.size for _, y in chunks)
 
-    def clip_fraction(self) -> float | None:
+    def unclipped_share(self) -> float | None:
         if not self.sophia:
             return None
         slots = [self.opt.sophia_slots(v) for v in self.variables]
         c = self.config
         import sophia_tf
 
-        return float(sophia_core.clip_fraction(
+        return float(sophia_core.unclipped_share(
             [tf.convert_to_tensor(m) for m, _ in slots],
             [tf.convert_to_tensor(h) for _, h in slots],
             gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0, xp=sophia_tf.tf_namespace))

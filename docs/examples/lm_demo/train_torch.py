@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sophia_core import clip_fraction
+from sophia_core import unclipped_share
 
-from .common import Config, RunResult, init_params, run_loop
+from .common import Config, RunResult, StepResult, init_params, refresh_rows, run_loop
 
 
 class GPT(torch.nn.Module):
@@ -66,26 +66,25 @@ class Trainer:
                 weight_decay=config.adamw_weight_decay, foreach=True,
             )
 
-    def refresh_due(self) -> bool:
-        return self.sophia and self.opt.hessian_refresh_due()
-
-    def refresh(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Sophia-G: hhat = N * ghat**2 at labels sampled from the model."""
-        import sophia_torch
-
-        logits = self.model(torch.from_numpy(x))
-        hhats = sophia_torch.gnb_hessian(logits, self.params, generator=self.generator)
-        self.opt.update_hessian(hhats)
-
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        logits = self.model(torch.from_numpy(x))
+        x = torch.from_numpy(x)
+        refreshed = self.sophia and self.opt.hessian_refresh_due()
+        if refreshed:
+            # Sophia-G: hhat = N * ghat**2 at labels sampled from the model,
+            # on the first rows of this step's batch.
+            import sophia_torch
+
+            logits = self.model(x[: refresh_rows(len(x), self.config)])
+            self.opt.update_hessian(
+                sophia_torch.gnb_hessian(logits, self.params, generator=self.generator))
+        logits = self.model(x)
         loss = loss_fn(logits, torch.from_numpy(y).long())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return loss.item()
+        return StepResult(loss.item(), refreshed)
 
     @torch.no_grad()
     def evaluate(self, chunks: list) -> float:
@@ -96,13 +95,13 @@ class Trainer:
             count += y.size
         return total / count
 
-    def clip_fraction(self) -> float | None:
+    def unclipped_share(self) -> float | None:
         if not self.sophia:
             return None
         states = [self.opt.state[p] for p in self.params]
         c = self.config
-        value = clip_fraction([s["m"] for s in states], [s["h"] for s in states],
-                              gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0)
+        value = unclipped_share([s["m"] for s in states], [s["h"] for s in states],
+                                gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0)
         return float(value)
 
 
