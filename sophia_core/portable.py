@@ -54,9 +54,11 @@ must match the members present (so it is bounded by the file size); every
 against the zip entry, against the expected shapes and dtypes when given,
 and otherwise against :data:`MAX_EXPANSION` times the file size, before any
 data is decompressed; the header is at most :data:`MAX_HEADER_CHARS`
-characters with at most :data:`MAX_JSON_CONTAINERS` JSON objects/arrays
-nested at most :data:`MAX_JSON_DEPTH` deep; NaN/Inf state is refused (on
-save too). Object arrays are never read (``allow_pickle`` is never used).
+characters, holds no more strings than the archive's members can use (plus
+1,024 for keys) and at most :data:`MAX_JSON_CONTAINERS` JSON objects/arrays
+nested at most :data:`MAX_JSON_DEPTH` deep, all checked before it is
+parsed; NaN/Inf state is refused (on save too). Object arrays are never
+read, ``np.load`` is never called on a member.
 
 **Version 1** files (``step``, ``num_tensors`` and ``hyperparameters``
 entries instead of ``header``) are still read: their names are ``"0", "1",
@@ -146,6 +148,9 @@ _V1_KEYS = ("__format__", "__version__", "step", "num_tensors", "hyperparameters
 _V2_KEYS = ("__format__", "__version__", "header")
 _HEADER_FIELDS = ("step", "names", "hyperparameters", "counters")
 _CHUNK = 1 << 20
+#: JSON strings a header may hold besides the names (hyperparameter and
+#: counter keys and values).
+_EXTRA_STRINGS = 1024
 #: A JSON string (possessive, so an unterminated string cannot backtrack).
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\(?:.|\Z))*+(?:"|\Z)', re.DOTALL)
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
@@ -545,10 +550,14 @@ def _read_exactly(stream: Any, size: int, key: str, what: str) -> bytes:
     return data
 
 
-def _parse_json(text: str, what: str) -> Any:
-    """``json.loads`` after bounding size, container count and nesting (no recursion risk)."""
+def _parse_json(text: str, what: str, *, max_strings: int) -> Any:
+    """``json.loads`` after bounding size, strings, containers and nesting (no recursion)."""
     if len(text) > MAX_HEADER_CHARS:
         raise _Malformed(f"{what} has {len(text)} characters (at most {MAX_HEADER_CHARS})")
+    quotes = text.count('"')
+    if quotes > 2 * max_strings:
+        raise _Malformed(f"{what} holds {quotes} double quotes, more than {max_strings} JSON "
+                         "strings (the archive's members and a few keys) can need")
     structure = _JSON_STRING.sub("", text)
     brackets = sum(structure.count(c) for c in "[]{}")
     containers = structure.count("[") + structure.count("{")
@@ -581,7 +590,7 @@ def _header_v1(archive: _Archive) -> tuple[int, list[str], dict, dict, int]:
         raise _Malformed(f"num_tensors is {count} but the archive has only "
                          f"{len(archive.members)} members")
     text = archive.scalar("hyperparameters", "U", max_itemsize=4 * MAX_HEADER_CHARS)
-    hyperparameters = _parse_json(text, "hyperparameters")
+    hyperparameters = _parse_json(text, "hyperparameters", max_strings=_EXTRA_STRINGS)
     return step, [str(i) for i in range(count)], hyperparameters, {}, count
 
 
@@ -590,7 +599,8 @@ def _header_v2(archive: _Archive) -> tuple[int, list[str], dict, dict, int]:
         if f"{key}.npy" not in archive.members:
             raise _Malformed(f"missing key {key!r} (not a portable state file?)")
     text = archive.scalar("header", "U", max_itemsize=4 * MAX_HEADER_CHARS)
-    header = _parse_json(text, "header")
+    # One name per tensor, two members per tensor; keys and values besides.
+    header = _parse_json(text, "header", max_strings=len(archive.members) + _EXTRA_STRINGS)
     if not isinstance(header, dict):
         raise _Malformed(f"header must be a JSON object, got {type(header).__name__}")
     missing = [k for k in _HEADER_FIELDS if k not in header]
