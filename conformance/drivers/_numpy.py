@@ -90,15 +90,25 @@ class NumpyDriver(Driver):
             ms=[self._to_numpy(s.m) for s in self.states],
             hs=[self._to_numpy(s.h) for s in self.states],
             hyperparameters=_portable_hyperparameters(self.hyper),
+            names=_parameter_names(len(self.params)),
+            counters={"hessian_refreshes": self.refreshes,
+                      "rejected_hessian_coordinates": self.rejected,
+                      "gamma": float(self.gamma)},
         )
 
     def import_state(self, path):
-        loaded = portable.load_state(path, expect_shapes=[p.shape for p in self.params])
+        names = _parameter_names(len(self.params))
+        loaded = portable.load_state(
+            path, expect={n: tuple(p.shape) for n, p in zip(names, self.params, strict=True)})
         compute = state_dtype(self.dtype)
         self.states = [s._replace(m=self._asarray(m, compute), h=self._asarray(h, compute))
                        for s, m, h in zip(self.states, loaded.ms, loaded.hs, strict=True)]
         self.completed = loaded.step
-
+        # A file without counters (version 1, or an exporter that keeps none)
+        # leaves them as a fresh optimizer has them.
+        self.refreshes = int(loaded.counters.get("hessian_refreshes", 0))
+        self.rejected = int(loaded.counters.get("rejected_hessian_coordinates", 0))
+        self.gamma = loaded.counters.get("gamma", self.hyper.gamma)
 
     def host_skip_check(self):
         # numpy has no skip mechanism: like any numpy code, a NaN gradient
@@ -199,6 +209,11 @@ def counters(hyper, refreshes, rejected, gamma) -> dict:
     if hyper.target_unclipped_share is not None:
         values["gamma"] = float(gamma)
     return values
+
+
+def _parameter_names(count: int) -> list[str]:
+    """The conformance convention: parameters are named by position, "0", "1", ..."""
+    return [str(i) for i in range(count)]
 
 
 def _portable_hyperparameters(hyper) -> dict:
