@@ -134,7 +134,7 @@ MAX_HEADER_CHARS = 2**21
 #: Most JSON objects/arrays in a header (v2 uses 4) and deepest nesting (2).
 MAX_JSON_CONTAINERS = 64
 MAX_JSON_DEPTH = 8
-#: Longest ``.npy`` header (numpy writes 118 bytes for a state tensor).
+#: Longest ``.npy`` header (numpy pads a state tensor's to 128 bytes).
 MAX_NPY_HEADER_BYTES = 4096
 #: Deflate cannot expand data more than ~1032:1; a larger claim is a lie.
 MAX_DEFLATE_RATIO = 1032
@@ -143,7 +143,7 @@ MAX_DEFLATE_RATIO = 1032
 #: uncompressed, ratio < 1). With expected shapes every size is exact.
 MAX_EXPANSION = 8
 
-_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _V1_KEYS = ("__format__", "__version__", "step", "num_tensors", "hyperparameters")
 _V2_KEYS = ("__format__", "__version__", "header")
 _HEADER_FIELDS = ("step", "names", "hyperparameters", "counters")
