@@ -419,6 +419,9 @@ def test_bad_names(tmp_path, names, match):
         ({"counters": []}, "counters must be a dict"),
         ({"hyperparameters": {"b2": 1.0}}, r"b2 \(betas\[1\], beta_2\) must be"),
         ({"hyperparameters": {"schedule": [1, 2]}}, "'schedule' has a value of type list"),
+        # The core validator's TypeError (wrong type) is a malformed file here.
+        ({"hyperparameters": {"lr": "1e-3"}}, r"lr \(learning_rate\) must be a real number"),
+        ({"hyperparameters": {"maximize": 1}}, "maximize must be a bool"),
         ({"step": 3.0}, "step must be an integer, got 3.0"),
         ({"step": True}, "step must be an integer, got True"),
         ({"extra": 1}, r"header fields: missing \[\], unexpected \['extra'\]"),
