@@ -1,7 +1,9 @@
 """Sophia for PyTorch: ``torch.optim`` optimizers over :mod:`sophia_core`.
 
 - :class:`Sophia`: the project's optimizer (core names, ``betas`` for
-  ``(b1, b2)``), ``update_hessian(hhats)`` folds estimates into ``h``;
+  ``(b1, b2)``); ``refresh_hessian(model, inputs)`` in the training loop
+  folds a Sophia-G estimate from part of the batch when one is due,
+  ``update_hessian(hhats)`` folds given estimates;
 - :class:`SophiaG`: drop-in for the authors' ``SophiaG`` (``sophia-opt``):
   ``step(bs=...)``, ``update_hessian()`` folding ``p.grad**2``;
 - :class:`SophiaH`: :class:`Sophia` with ``update_hessian(loss=...)`` running
@@ -13,10 +15,12 @@ The math is written once in :mod:`sophia_core`; see docs/frameworks/torch.md.
 """
 
 from ._estimators import gnb_hessian, hutchinson_hessian, refresh_due
-from ._optimizer import CHUNK, Sophia, SophiaG, SophiaH
+from ._multi_tensor import CHUNK, COMPILED_CHUNK
+from ._optimizer import Sophia, SophiaG, SophiaH
 
 __all__ = [
     "CHUNK",
+    "COMPILED_CHUNK",
     "Sophia",
     "SophiaG",
     "SophiaH",
