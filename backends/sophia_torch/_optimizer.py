@@ -250,6 +250,10 @@ class Sophia(Optimizer):
                 raise TypeError(f"{key} must be None or a bool, got {group[key]!r}")
         if not isinstance(group.get("compiled", False), bool):
             raise TypeError(f"compiled must be a bool, got {group['compiled']!r}")
+        for p in group.get("params", ()):
+            if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"Sophia optimizes floating-point parameters; got one of dtype "
+                                f"{p.dtype}")
         for dtype in {p.dtype for p in group.get("params", ())
                       if isinstance(p, torch.Tensor) and p.is_floating_point()}:
             sophia_core.check_eps(values["eps"], sophia_core.compute_dtype(dtype, xp=xp), xp=xp,
