@@ -487,7 +487,9 @@ class Sophia(Optimizer):
 
         Tensors are named by :meth:`_param_names`; a parameter with no state
         yet is written as zeros. Hyperparameters are the first group's, in
-        the core's spelling.
+        the core's spelling, with the gamma the update uses (for
+        :class:`SophiaG`, ``rho*bs`` of the last step: its ``h`` is in the
+        authors' scale, and ``gamma*h`` is what another backend needs).
         """
         from sophia_core import portable
 
@@ -503,7 +505,7 @@ class Sophia(Optimizer):
         group = self.param_groups[0]
         counters = {"hessian_refreshes": self.hessian_refreshes,
                     "rejected_hessian_coordinates": self.rejected_hessian_coordinates,
-                    "gamma": float(group[self._gamma_key]),
+                    "gamma": float(self._effective_gamma(group)),
                     "sign_momentum_streak": int(self.sign_momentum_streak)}
         portable.save_state(path, step=self.completed_steps, ms=ms, hs=hs,
                             hyperparameters=self._core_hyperparameters(), names=self._param_names(),
@@ -545,7 +547,7 @@ class Sophia(Optimizer):
                 self.state[p]["hessian_refreshes"] = int(counters.get("hessian_refreshes", 0))
                 self.state[p]["rejected_hessian_coordinates"] = 0
             if "gamma" in counters and group.get("target_unclipped_share") is not None:
-                group[self._gamma_key] = float(counters["gamma"])
+                self._set_effective_gamma(group, float(counters["gamma"]))
         if params:  # the file keeps the total only
             self.state[params[0]]["rejected_hessian_coordinates"] = int(
                 counters.get("rejected_hessian_coordinates", 0))
@@ -559,7 +561,7 @@ class Sophia(Optimizer):
         return {
             "lr": float(lr) if isinstance(lr, torch.Tensor) else lr,
             "b1": group["betas"][0], "b2": group["betas"][1],
-            "gamma": float(group[self._gamma_key]),
+            "gamma": float(self._effective_gamma(group)),
             "weight_decay": group["weight_decay"], "eps": group["eps"],
             "clip_threshold": group["clip_threshold"],
             "hessian_interval": self.hessian_interval,
