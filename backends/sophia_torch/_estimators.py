@@ -256,8 +256,9 @@ def in_loop_gnb(model: Any, inputs: Sequence[Any], model_kwargs: dict[str, Any],
             return value[:rows]
         return value
 
-    logits = _logits_of(_unwrapped(model)(*[take(x) for x in inputs],
-                                          **{k: take(v) for k, v in model_kwargs.items()}))
+    with torch.enable_grad():  # also from inside an evaluation or no_grad block
+        logits = _logits_of(_unwrapped(model)(*[take(x) for x in inputs],
+                                              **{k: take(v) for k, v in model_kwargs.items()}))
     mask = None
     if shift_targets:
         logits = logits[..., :-1, :]
@@ -275,13 +276,15 @@ def in_loop_gnb(model: Any, inputs: Sequence[Any], model_kwargs: dict[str, Any],
         dist.all_reduce(batch_positions)
     noise = torch.rand(logits.shape, generator=generator(logits.device), device=logits.device,
                        dtype=torch.float32)
-    if _sharded(params):
-        hhats, positions = _gnb_through_grad(logits, params, mask=mask, uniform=noise,
-                                             ignore_index=ignore_index,
-                                             distributed=distributed)
-    else:
-        hhats = gnb_hessian(logits, params, mask=mask, uniform=noise, ignore_index=ignore_index)
-        positions = None
+    with torch.enable_grad():
+        if _sharded(params):
+            hhats, positions = _gnb_through_grad(logits, params, mask=mask, uniform=noise,
+                                                 ignore_index=ignore_index,
+                                                 distributed=distributed)
+        else:
+            hhats = gnb_hessian(logits, params, mask=mask, uniform=noise,
+                                ignore_index=ignore_index)
+            positions = None
     factor = scale(positions, int(batch_positions))
     if factor != 1:
         hhats = [None if h is None else h * factor for h in hhats]

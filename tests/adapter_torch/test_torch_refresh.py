@@ -72,6 +72,15 @@ def test_refreshes_when_due_once_per_step_on_a_fraction_of_the_rows():
     assert opt.hessian_refreshes == 3
 
 
+def test_refreshes_from_inside_no_grad_too():
+    model = TinyLM()
+    opt = sophia_torch.Sophia(model.parameters())
+    tokens = _batch(3)
+    with torch.no_grad():
+        assert opt.refresh_hessian(model, tokens[:, :-1], targets=tokens[:, 1:])
+    assert all(bool(opt.state[p]["h"].abs().sum() > 0) for p in model.parameters())
+
+
 def test_gradient_accumulation_refreshes_on_the_first_micro_batch_only():
     model = TinyLM()
     opt = sophia_torch.Sophia(model.parameters(), hessian_interval=2)
