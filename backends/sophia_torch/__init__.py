@@ -5,11 +5,14 @@
   folds a Sophia-G estimate from part of the batch when one is due,
   ``update_hessian(hhats)`` folds given estimates;
 - :class:`SophiaG`: drop-in for the authors' ``SophiaG`` (``sophia-opt``):
-  ``step(bs=...)``, ``update_hessian()`` folding ``p.grad**2``;
-- :class:`SophiaH`: :class:`Sophia` with ``update_hessian(loss=...)`` running
-  the Hutchinson estimator;
+  their signature, ``step(bs=...)``, ``update_hessian()`` folding
+  ``p.grad**2``, their state keys and checkpoints;
+- :class:`SophiaH`: :class:`Sophia` with the Hutchinson estimator
+  (``refresh_hessian(loss)``);
 - :func:`gnb_hessian`, :func:`hutchinson_hessian`: the estimators, with
-  torch autodiff and a ``torch.Generator``; :func:`refresh_due`.
+  torch autodiff and a ``torch.Generator``; :func:`refresh_due`;
+- :mod:`sophia_torch.hf`: ``SophiaTrainer``, a ``transformers.Trainer`` that
+  runs the refresh inside ``train()`` (imported only on request).
 
 The math is written once in :mod:`sophia_core`; see docs/frameworks/torch.md.
 """
