@@ -120,3 +120,11 @@ def test_resuming_from_the_trainers_checkpoint_ends_where_the_full_run_ends(tmp_
     assert sophia_of(resumed.optimizer).completed_steps == 12
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_importing_sophia_torch_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, sophia_torch; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
