@@ -65,7 +65,10 @@ BACKENDS: tuple[Backend, ...] = (
         namespace="torch",
         adapter="sophia_torch",
         extra="torch",
-        test_requirements=("sophia-opt==0.2.2", "pytorch-optimizer"),
+        # transformers + accelerate: the Trainer integration (sophia_torch.hf);
+        # safetensors: the tests that save a trained model.
+        test_requirements=("sophia-opt==0.2.2", "pytorch-optimizer", "transformers",
+                           "accelerate>=1.1", "safetensors"),
     ),
     Backend(
         name="jax",

@@ -194,3 +194,132 @@ def hutchinson_hessian(
     for k, i in enumerate(used):
         out[i] = sophia_core.hutchinson_estimate(probes[k], hvps[k], xp=xp)
     return out
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor, ``.logits``, or the first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError("refresh_hessian needs the model to return logits (a tensor, an object "
+                    f"with .logits, or a tuple starting with them), got {type(output).__name__}")
+
+
+def _batch_size(inputs: Sequence[Any], kwargs: dict[str, Any],
+                targets: torch.Tensor | None) -> int:
+    for value in (*inputs, *kwargs.values(), targets):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("refresh_hessian needs at least one batched tensor input (dim 0 = batch)")
+
+
+def _unwrapped(model: Any) -> Any:
+    """A DDP-wrapped model's module: the estimator's backward is its own
+    (``torch.autograd.grad``), which DDP's reducer must not wait for."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _sharded(params: Sequence[torch.Tensor]) -> bool:
+    """Parameters sharded by FSDP2 (``DTensor``): autograd does not reach them
+    from the unsharded compute parameters, so the estimate goes through
+    ``.grad`` (FSDP2's reduce-scatter) instead of ``torch.autograd.grad``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def in_loop_gnb(model: Any, inputs: Sequence[Any], model_kwargs: dict[str, Any],
+                params: Sequence[torch.Tensor], *, targets: torch.Tensor | None,
+                ignore_index: int, shift_targets: bool, fraction: float,
+                generator: Any, scale: Any) -> list[torch.Tensor | None]:
+    """Sophia-G's estimate from the first rows of a training batch.
+
+    The engine of ``Sophia.refresh_hessian`` (see there): runs ``model`` on
+    :func:`sophia_core.estimate_rows` rows, masks positions whose target is
+    ``ignore_index``, samples labels, and returns ``N * ghat**2`` times
+    ``scale(N, N_batch)`` per parameter, where ``N_batch`` counts the
+    positions of the whole batch (global under data parallelism).
+    """
+    batch = _batch_size(inputs, model_kwargs, targets)
+    rows = sophia_core.estimate_rows(batch, fraction)
+
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:rows]
+        return value
+
+    with torch.enable_grad():  # also from inside an evaluation or no_grad block
+        logits = _logits_of(_unwrapped(model)(*[take(x) for x in inputs],
+                                              **{k: take(v) for k, v in model_kwargs.items()}))
+    mask = None
+    if shift_targets:
+        logits = logits[..., :-1, :]
+    if targets is not None:
+        full = targets[..., 1:] if shift_targets else targets
+        mask = full[:rows] != ignore_index
+        batch_positions = (full != ignore_index).sum()
+    else:
+        batch_positions = torch.tensor(logits[..., 0].numel() // rows * batch)
+    distributed = _distributed(None, None)
+    if distributed:
+        import torch.distributed as dist
+
+        batch_positions = batch_positions.to(logits.device, torch.float64)
+        dist.all_reduce(batch_positions)
+    noise = torch.rand(logits.shape, generator=generator(logits.device), device=logits.device,
+                       dtype=torch.float32)
+    with torch.enable_grad():
+        if _sharded(params):
+            hhats, positions = _gnb_through_grad(logits, params, mask=mask, uniform=noise,
+                                                 ignore_index=ignore_index,
+                                                 distributed=distributed)
+        else:
+            hhats = gnb_hessian(logits, params, mask=mask, uniform=noise,
+                                ignore_index=ignore_index)
+            positions = None
+    factor = scale(positions, int(batch_positions))
+    if factor != 1:
+        hhats = [None if h is None else h * factor for h in hhats]
+    return hhats
+
+
+def _gnb_through_grad(logits: torch.Tensor, params: Sequence[torch.Tensor], *,
+                      mask: torch.Tensor | None, uniform: torch.Tensor, ignore_index: int,
+                      distributed: bool) -> tuple[list[torch.Tensor | None], int]:
+    """GNB with ``backward()`` into ``.grad`` (FSDP2 reduce-scatters it), the
+    gradients already there set aside and put back.
+
+    Rank r's sampled loss is weighted by ``N_r * world / N`` so that FSDP2's
+    mean over ranks is the global mean ``sum_r N_r ghat_r / N``.
+    """
+    with torch.no_grad():
+        labels = sophia_core.sample_labels(logits.detach(), uniform, mask=mask,
+                                           ignore_index=ignore_index, xp=xp)
+    lhat = sophia_core.masked_mean_cross_entropy(logits, labels, ignore_index=ignore_index, xp=xp)
+    local = sophia_core.num_positions(labels, ignore_index=ignore_index, xp=xp).to(torch.float64)
+    total, weight = local.clone(), 1.0
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+        weight = float(local) * dist.get_world_size() / max(float(total), 1.0)
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        (lhat * weight).backward()
+        ghats = [p.grad for p in params]
+    finally:
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+    positions = int(total)
+    return [None if g is None else sophia_core.gnb_estimate(g, positions, xp=xp)
+            for g in ghats], positions

@@ -1,29 +1,35 @@
 """Sophia as a ``torch.optim.Optimizer`` over :mod:`sophia_core`.
 
 The arithmetic is :func:`sophia_core.sophia_update` and
-:func:`sophia_core.hessian_ema`; this module supplies state containers
-(``self.state``), in-place writes into parameters, the step counter, the
-refresh schedule bookkeeping and the multi-tensor fast path.
+:func:`sophia_core.fold_hessian`; the statistics are the core's
+(:func:`sophia_core.unclipped_count`, :func:`sophia_core.sign_momentum_regime`,
+:func:`sophia_core.gamma_for_unclipped_share`,
+:func:`sophia_core.missing_refresh`). This module supplies the state
+containers, in-place writes, the step counters, the refresh bookkeeping, the
+in-loop Sophia-G refresh and torch's optimizer contract (``state_dict``,
+hooks, ``deepcopy``/pickle, ``torch.compile``). The multi-tensor path is in
+:mod:`sophia_torch._multi_tensor`.
 
-**The fast path** (``foreach=True``, the default in eager mode). After the
-first step, each param group whose parameters share a device and dtype is
-viewed into flat buffers (parameters, ``m``, ``h``; ``p.data`` becomes a view,
-see :class:`_FlatLayout`), and a step runs the core on slices of
-:data:`CHUNK` elements: every temporary the core allocates stays in cache,
-and 2,000 small tensors cost a few dozen core calls instead of thousands.
-Until then (and for groups that do not fit) tensors are grouped into buckets
-of the same size. ``fused=True`` runs the same core call under
-``torch.compile`` (one Inductor kernel per slice). The arithmetic per
-element is always the core's, so every path gives bitwise the result of
-``foreach=False`` (one core call per tensor), which is also what runs under
-``torch.compile`` of the whole step and for tensor subclasses such as
-FSDP2's ``DTensor``.
+Where things live (so that every checkpointer keeps them):
+
+- per parameter, ``state[p]``: ``"step"`` (a float64 CPU scalar tensor:
+  exact to 2**53 steps), the momentum and the Hessian EMA (``"m"``/``"h"``;
+  :class:`SophiaG` keeps the authors' ``"exp_avg"``/``"hessian"``), and two
+  Python ints: ``"hessian_refreshes"`` (estimates folded into this ``h``)
+  and ``"rejected_hessian_coordinates"`` (its coordinates that kept their
+  old ``h`` because the estimate there was not finite);
+- per param group: the hyperparameters, including ``gamma`` (``rho`` for
+  :class:`SophiaG`), which ``target_unclipped_share`` re-sets at refreshes
+  (nothing else: ``torch.compile`` guards on every value in a group);
+- optimizer-wide, under the ``"sophia"`` key of ``state_dict()``: the
+  regime detector's streak and the estimator's generator state.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,40 +38,23 @@ import torch
 from torch.optim import Optimizer
 
 import sophia_core
-from sophia_core import SophiaState, hessian_ema, init_state, refresh_due, sophia_update
 
-__all__ = ["CHUNK", "FUSED_CHUNK", "Sophia", "SophiaG", "SophiaH"]
+from ._multi_tensor import (
+    StateLayout,
+    chunk_for,
+    compiled_update,
+    update_many,
+    update_one,
+)
 
-#: Elements per core call on the fast path. 2**17 float32 elements (512 KiB)
-#: per temporary keeps the core's intermediates in cache; measured on the
-#: project's machine (docs/frameworks/torch.md).
-CHUNK = 1 << 17
-#: Elements per core call with ``fused=True`` (no temporaries to keep in
-#: cache: the compiled kernel reads p, g, m, h once and writes p, m once) and
-#: on accelerators, where each operation is a kernel launch (not measured on
-#: a GPU yet: the project's machines had none).
-FUSED_CHUNK = 1 << 22
+__all__ = ["Sophia", "SophiaG", "SophiaH"]
 
-# Group keys spelled as in the core (torch's ``betas`` and the authors' ``rho``
-# are mapped in _validate_group).
-_CORE_KEYS = ("gamma", "weight_decay", "eps", "clip_threshold", "bias_correction", "maximize")
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    """Validate one param group's hyperparameters with the core's checks."""
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError("lr as a Tensor must have one element")
-        lr = float(lr)
-    values = {"lr": lr, "b1": betas[0], "b2": betas[1]}
-    values.update({key: group[key] for key in _CORE_KEYS if key in group})
-    if "rho" in group:  # SophiaG spells gamma "rho" (the authors' name)
-        values["gamma"] = group["rho"]
-    sophia_core.validate_hyperparameters(**values)
+#: Options of a param group spelled as in the core (torch's ``betas`` and the
+#: authors' ``rho`` are mapped in :meth:`Sophia._validate_group`).
+_CORE_GROUP_KEYS = ("weight_decay", "eps", "clip_threshold", "bias_correction", "maximize",
+                    "hessian_bias_correction", "target_unclipped_share")
+#: Counters kept in every parameter's state.
+_COUNTERS = ("hessian_refreshes", "rejected_hessian_coordinates")
 
 
 def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -81,78 +70,103 @@ def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
-def _all_params(optimizer: Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 def _step_tensor(value: Any) -> torch.Tensor:
-    """A step count as AdamW keeps it: a float32 scalar tensor on the CPU."""
+    """A step count: a float64 CPU scalar tensor (exact; compiles without recompiling)."""
     if isinstance(value, torch.Tensor):
-        # A copy: a loaded state_dict must not share its counter with the source.
-        return value.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
-    return torch.tensor(float(value), dtype=torch.float32)
+        return value.detach().to(device="cpu", dtype=torch.float64).reshape(()).clone()
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _plain(t: torch.Tensor) -> bool:
-    """A dense strided tensor the fast path may view or concatenate."""
+    """A dense strided tensor (not a subclass such as ``DTensor``)."""
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
+def _scalar(value: Any) -> Any:
+    """A tensor learning rate as the update takes it: a CPU one as a Python
+    float (no device sync), else reshaped to 0-d float64 (no sync either);
+    both round as a Python float does, so every form is bitwise the same."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        return value.item()
+    return value.reshape(()).to(torch.float64)
 
 
 class Sophia(Optimizer):
     r"""Sophia (Liu et al., 2024) for PyTorch: the core's update, in place.
 
-    The update and its math are :func:`sophia_core.sophia_update` (see its
-    docstring); the Hessian EMA is :func:`sophia_core.hessian_ema`. This class
-    maps torch's spelling to the core's: ``betas = (b1, b2)``; the rest keep
-    the core's names.
+    The update and its math are :func:`sophia_core.sophia_update`; the
+    Hessian EMA is :func:`sophia_core.fold_hessian`. torch spells
+    ``(b1, b2)`` as ``betas``; every other name is the core's
+    (:class:`sophia_core.Hyperparameters`).
 
     Args:
-        params: parameters or param groups (every hyperparameter below except
-            ``hessian_interval`` / ``refresh_at_start`` may differ per group).
-        lr, betas, gamma, weight_decay, eps, clip_threshold, bias_correction,
-            maximize: as in :class:`sophia_core.Hyperparameters`.
-        hessian_interval, refresh_at_start: the refresh schedule read by
-            :meth:`hessian_refresh_due` (the caller computes the estimate and
-            calls :meth:`update_hessian`).
-        foreach: the fast path (module docstring): flat buffers and slices
-            of :data:`CHUNK` elements (default ``None``: yes, except under
-            ``torch.compile`` and for tensor subclasses, which take one core
-            call per tensor). Bitwise the same result either way. Note that
-            it makes ``p.data`` a view into a flat buffer after the first
-            step; pass ``foreach=False`` if other code swaps ``p.data``.
-        fused: run the fast path's core calls under ``torch.compile`` (one
-            kernel per slice; the first step compiles, for seconds; needs a
-            C++ compiler on CPU). Bitwise the same as eager unless
-            ``bias_correction`` (the step count is then a float32 tensor).
+        params: parameters, ``named_parameters()``, or param groups. Per group:
+            ``lr``, ``betas``, ``gamma``, ``weight_decay``, ``eps``,
+            ``clip_threshold``, ``bias_correction``, ``maximize``,
+            ``hessian_bias_correction``, ``target_unclipped_share``,
+            ``foreach``, ``compiled``.
+        lr: a float, or a tensor with one element (any shape; a scheduler
+            may write it in place).
+        hessian_interval, refresh_at_start: the refresh schedule
+            (:meth:`hessian_refresh_due`).
+        hessian_bias_correction: fold the n-th estimate with decay
+            ``1 - (1-b2)/(1-b2**n)`` (the first refresh sets ``h``).
+        target_unclipped_share: re-set each group's ``gamma`` at every
+            refresh so that this share of coordinates takes unclipped steps
+            (:func:`sophia_core.gamma_for_unclipped_share`); None: off.
+        require_refresh: warn once when steps go on with no Hessian estimate
+            ever folded (:func:`sophia_core.missing_refresh`); False for plain
+            sign momentum.
+        warn_sign_momentum: warn once when the unclipped share stays below
+            10 % (:func:`sophia_core.sign_momentum_regime`).
+        hessian_batch_fraction: share of a batch's sequences that
+            :meth:`refresh_hessian` uses (:func:`sophia_core.estimate_rows`).
+        generator: the ``torch.Generator`` of the estimator's noise; default:
+            one created on first use, seeded from torch's global generator.
+            Its state is part of :meth:`state_dict`.
+        foreach: torch's meaning: True the multi-tensor implementation, False
+            a for-loop over tensors, None (default) multi-tensor except under
+            ``torch.compile`` and for tensor subclasses such as ``DTensor``.
+            Bitwise the same result either way.
+        compiled: run the multi-tensor slices through ``torch.compile``
+            (Inductor; the first step compiles, for seconds). Bitwise the
+            eager result; any hyperparameters, any number of optimizers.
         state_dtype: dtype of ``m`` and ``h``; default: the parameter's for
             float32/float64, float32 for bfloat16/float16.
 
-    State per parameter: ``"m"``, ``"h"`` (tensors of the parameter's shape)
-    and ``"step"``, a float32 CPU scalar tensor counting the steps this
-    parameter took (as ``torch.optim.AdamW``: ``torch.compile`` does not
-    recompile as it changes; eager steps hand the core ``int(step)``, so the
-    bias correction is computed in double precision like every backend's).
-    The refresh schedule counts completed optimizer steps: the largest
-    ``"step"`` of any parameter.
+    Attributes:
+        completed_steps: optimizer steps taken so far (exact).
+        hessian_refreshes: Hessian folds so far (the most any parameter had).
+        rejected_hessian_coordinates: coordinates that kept their old ``h``
+            because the estimate there was not finite (all parameters).
+        last_unclipped_share: share of coordinates whose step was not
+            clipped, at the last refresh (None before).
 
     Example::
 
         >>> import torch, sophia_torch
-        >>> model = torch.nn.Linear(4, 2)
+        >>> model = torch.nn.Linear(4, 3)
         >>> opt = sophia_torch.Sophia(model.parameters(), lr=1e-3)
-        >>> x = torch.randn(8, 4)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         >>> logits = model(x)
-        >>> params = list(model.parameters())
-        >>> if opt.hessian_refresh_due():
-        ...     hhats = sophia_torch.gnb_hessian(logits, params, retain_graph=True)
-        ...     opt.update_hessian(hhats)
-        >>> loss = torch.nn.functional.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+        >>> loss = torch.nn.functional.cross_entropy(logits, y)
+        >>> opt.refresh_hessian(model, x)   # when due: Sophia-G on part of this batch
+        True
         >>> loss.backward()
         >>> opt.step()
         >>> opt.zero_grad()
         >>> sorted(opt.state[model.weight])
         ['h', 'm', 'step']
     """
+
+    #: Names of the momentum and Hessian state (the authors' for SophiaG).
+    momentum_key = "m"
+    hessian_key = "h"
+    #: One line telling a user of this class how to refresh.
+    refresh_fix = ("Call opt.refresh_hessian(model, inputs) in the training loop (or "
+                   "opt.update_hessian(estimates) when opt.hessian_refresh_due()).")
 
     def __init__(
         self,
@@ -168,187 +182,604 @@ class Sophia(Optimizer):
         bias_correction: bool = sophia_core.DEFAULTS["bias_correction"],
         maximize: bool = sophia_core.DEFAULTS["maximize"],
         *,
+        hessian_bias_correction: bool = sophia_core.DEFAULTS["hessian_bias_correction"],
+        target_unclipped_share: float | None = sophia_core.DEFAULTS["target_unclipped_share"],
+        require_refresh: bool = sophia_core.DEFAULTS["require_refresh"],
+        warn_sign_momentum: bool = sophia_core.DEFAULTS["warn_sign_momentum"],
+        hessian_batch_fraction: float = sophia_core.DEFAULTS["hessian_batch_fraction"],
+        generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        fused: bool = False,
+        compiled: bool = False,
+        fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=tuple(betas), gamma=gamma, weight_decay=weight_decay, eps=eps,
-            clip_threshold=clip_threshold, bias_correction=bias_correction,
-            maximize=maximize, foreach=foreach, fused=fused,
+            lr=lr, betas=betas, gamma=gamma, weight_decay=weight_decay, eps=eps,
+            clip_threshold=clip_threshold, bias_correction=bias_correction, maximize=maximize,
+            hessian_bias_correction=hessian_bias_correction,
+            target_unclipped_share=target_unclipped_share, foreach=foreach,
+            compiled=_compiled_option(compiled, fused),
         )
-        self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
+        self._init(params, defaults, hessian_interval=hessian_interval,
+                   refresh_at_start=refresh_at_start, require_refresh=require_refresh,
+                   warn_sign_momentum=warn_sign_momentum,
+                   hessian_batch_fraction=hessian_batch_fraction, generator=generator,
+                   state_dtype=state_dtype)
 
-    def _init(self, params: Iterable[Any], defaults: dict[str, Any], hessian_interval: int,
-              refresh_at_start: bool, state_dtype: torch.dtype | None) -> None:
+    def _init(self, params: Iterable[Any], defaults: dict[str, Any], *, hessian_interval: int,
+              refresh_at_start: bool, require_refresh: bool, warn_sign_momentum: bool,
+              hessian_batch_fraction: float, generator: torch.Generator | None,
+              state_dtype: torch.dtype | None) -> None:
         sophia_core.validate_hyperparameters(
-            hessian_interval=hessian_interval, refresh_at_start=refresh_at_start)
-        _validate_group(defaults)
-        if state_dtype is not None and not state_dtype.is_floating_point:
-            raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype}")
-        self.hessian_interval = hessian_interval
-        self.refresh_at_start = refresh_at_start
+            hessian_interval=hessian_interval, refresh_at_start=refresh_at_start,
+            require_refresh=require_refresh, warn_sign_momentum=warn_sign_momentum,
+            hessian_batch_fraction=hessian_batch_fraction)
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating torch.dtype, got {state_dtype!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+        defaults.setdefault("differentiable", False)  # torch's flag; this update is not
+        self.hessian_interval = int(hessian_interval)
+        self.refresh_at_start = bool(refresh_at_start)
+        self.require_refresh = bool(require_refresh)
+        self.warn_sign_momentum = bool(warn_sign_momentum)
+        self.hessian_batch_fraction = float(hessian_batch_fraction)
         self.state_dtype = state_dtype
+        self.generator = generator
+        self.last_unclipped_share: float | None = None
+        self.sign_momentum_streak = 0
+        self._reset_caches()
+        self._validate_group(defaults)
         super().__init__(params, defaults)
 
-    #: Attributes beyond torch's defaults/state/param_groups that pickling
-    #: and ``copy.deepcopy`` must keep (the flat layout is rebuilt instead).
-    _CONFIG = ("hessian_interval", "refresh_at_start", "state_dtype", "n_probes", "probe")
+    # -- validation and older state ---------------------------------------------
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.update({k: getattr(self, k) for k in self._CONFIG if hasattr(self, k)})
-        return state
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """All of a group's hyperparameters through the core's one validator;
+        the eps and gamma checks for the dtypes of its parameters."""
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas (b1, b2) must be a pair of real numbers, got {betas!r}")
+        values = {"lr": group["lr"], "b1": betas[0], "b2": betas[1],
+                  "gamma": group[self._gamma_key]}
+        values.update({key: group[key] for key in _CORE_GROUP_KEYS if key in group})
+        sophia_core.validate_hyperparameters(dynamic=("lr",), **values)
+        for key in ("foreach",):
+            if group.get(key) is not None and not isinstance(group[key], bool):
+                raise TypeError(f"{key} must be None or a bool, got {group[key]!r}")
+        if not isinstance(group.get("compiled", False), bool):
+            raise TypeError(f"compiled must be a bool, got {group['compiled']!r}")
+        for p in group.get("params", ()):
+            if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"Sophia optimizes floating-point parameters; got one of dtype "
+                                f"{p.dtype}")
+        for dtype in {p.dtype for p in group.get("params", ())
+                      if isinstance(p, torch.Tensor) and p.is_floating_point()}:
+            sophia_core.check_eps(values["eps"], sophia_core.compute_dtype(dtype, xp=xp), xp=xp,
+                                  gamma=values["gamma"])
+
+    #: The group key of gamma (the authors' ``rho`` for SophiaG).
+    _gamma_key = "gamma"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):
-            _validate_group({**self.defaults, **param_group})
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            param_group = {**param_group, "params": params}
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            self._validate_group({**self.defaults, **param_group, "params": tensors})
         super().add_param_group(param_group)
+        self._reset_caches()
 
-    # -- schedule -------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill what older state lacks (as ``AdamW`` does): hyperparameters from
+        this optimizer's defaults, counters from 0, the options of 0.1."""
+        super().__setstate__(state)
+        defaults = self.__dict__.get("defaults", {})
+        for group in self.param_groups:
+            if "fused" in group:  # sophia_torch 0.1's name for the compiled path
+                group.setdefault("compiled", bool(group.pop("fused")))
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+        for key, value in (("hessian_interval", sophia_core.DEFAULTS["hessian_interval"]),
+                           ("refresh_at_start", self._refresh_at_start_default),
+                           ("require_refresh", True), ("warn_sign_momentum", True),
+                           ("hessian_batch_fraction",
+                            sophia_core.DEFAULTS["hessian_batch_fraction"]),
+                           ("state_dtype", None), ("generator", None),
+                           ("last_unclipped_share", None), ("sign_momentum_streak", 0)):
+            self.__dict__.setdefault(key, value)
+        self._reset_caches()
+        self._relayout(self.__dict__.pop("_loading", None))
+
+    _refresh_at_start_default = True
+
+    def _reset_caches(self) -> None:
+        """Forget everything derived from the state (rebuilt on demand)."""
+        self._layouts: dict[int, list[StateLayout]] = {}
+        self._completed: int | None = None
+        self._refreshed_at: int | None = None
+        self._folded: bool | None = None
+        self._warned_missing = self.__dict__.get("_warned_missing", False)
+        self._warned_sign = self.__dict__.get("_warned_sign", False)
+
+    # -- pickling and copies ------------------------------------------------------
+
+    #: Attributes beyond torch's ``defaults``/``state``/``param_groups`` that
+    #: pickling and ``copy.deepcopy`` keep (the state buffers' bookkeeping is
+    #: rebuilt instead).
+    _PICKLED = ("hessian_interval", "refresh_at_start", "require_refresh", "warn_sign_momentum",
+                "hessian_batch_fraction", "state_dtype", "generator", "last_unclipped_share",
+                "sign_momentum_streak", "_warned_missing", "_warned_sign")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    # -- schedule and counters ---------------------------------------------------
 
     @property
     def completed_steps(self) -> int:
-        """Optimizer steps taken so far (the largest per-parameter ``"step"``)."""
-        return max((int(s.get("step", 0)) for s in self.state.values()), default=0)
+        """Optimizer steps taken so far: the largest per-parameter ``"step"`` (exact)."""
+        if self._completed is None:
+            steps = [s["step"] for s in self.state.values()
+                     if isinstance(s, dict) and "step" in s]
+            self._completed = int(torch.stack(steps).max()) if steps else 0
+        return self._completed
 
     def hessian_refresh_due(self) -> bool:
-        """Whether the schedule asks for a Hessian refresh before the next step.
+        """Whether the schedule asks for a Hessian refresh before the next step
+        (:func:`sophia_core.refresh_due` on :attr:`completed_steps`)."""
+        return bool(sophia_core.refresh_due(self.completed_steps,
+                                            hessian_interval=self.hessian_interval,
+                                            refresh_at_start=self.refresh_at_start))
 
-        :func:`sophia_core.refresh_due` on :attr:`completed_steps`.
+    @property
+    def hessian_refreshes(self) -> int:
+        """Hessian folds so far (the most any parameter's ``h`` had)."""
+        return max((int(s.get("hessian_refreshes", 0)) for s in self._states()), default=0)
+
+    @property
+    def rejected_hessian_coordinates(self) -> int:
+        """Coordinates that kept their old ``h`` (a non-finite estimate), all parameters."""
+        return sum(int(s.get("rejected_hessian_coordinates", 0)) for s in self._states())
+
+    def _states(self) -> list[dict[str, Any]]:
+        return [s for s in self.state.values() if isinstance(s, dict)]
+
+    # -- state --------------------------------------------------------------------
+
+    def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        return self.state_dtype or sophia_core.compute_dtype(p.dtype, xp=xp)
+
+    def _init_states(self, index: int, params: list[torch.Tensor], *, flat: bool) -> None:
+        """Zero state for ``params`` (of group ``index``), which have none yet.
+
+        ``flat``: plain tensors get :class:`StateLayout` buffers (one per
+        device and dtype); the others one tensor each.
         """
-        return bool(refresh_due(self.completed_steps, hessian_interval=self.hessian_interval,
-                                refresh_at_start=self.refresh_at_start))
-
-    # -- state ----------------------------------------------------------------
-
-    def _state_for(self, p: torch.Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if "m" not in state:
-            m, h = init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
+        for p in params:
+            state = self.state[p]
             state["step"] = _step_tensor(state.get("step", 0))
-            state["m"], state["h"] = m, h
-        return state
+            for key in _COUNTERS:
+                state.setdefault(key, 0)
+        rest = params
+        if flat:
+            rest = [p for p in params if not _plain(p)]
+            self._make_layouts(index, [p for p in params if _plain(p)])
+        for p in rest:
+            m, h = sophia_core.init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
+            self.state[p][self.momentum_key], self.state[p][self.hessian_key] = m, h
+
+    def _make_layouts(self, index: int, params: list[torch.Tensor],
+                      initial: dict[torch.Tensor, tuple[Any, ...]] | None = None) -> None:
+        """:class:`StateLayout` buffers for ``params`` (copying ``initial``)."""
+        partitions: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for p in params:
+            dtype = initial[p][0].dtype if initial else self._state_dtype_for(p)
+            partitions.setdefault((p.device, p.dtype, dtype), []).append(p)
+        compiled = bool(self.param_groups[index].get("compiled"))
+        for (device, _, dtype), members in partitions.items():
+            layout = StateLayout(
+                members, self.state, (self.momentum_key, self.hessian_key), dtype=dtype,
+                chunk=chunk_for(device, compiled),
+                initial=[initial[p] for p in members] if initial else None)
+            self._layouts.setdefault(index, []).append(layout)
+
+    def _relayout(self, saved: dict[int, dict[str, Any]] | None = None) -> None:
+        """Move loaded or copied state into fresh :class:`StateLayout` buffers.
+
+        After ``load_state_dict``, pickling or ``copy.deepcopy``. ``saved``
+        maps ``id(p)`` to the state as saved, whose ``m``/``h`` dtype is kept
+        (torch's loader casts them to the parameter's dtype, which would
+        round a bf16 parameter's float32 state to bf16); steps become exact
+        float64 counters.
+        """
+        keys = (self.momentum_key, self.hessian_key)
+        for index, group in enumerate(self.param_groups):
+            initial: dict[torch.Tensor, tuple[Any, ...]] = {}
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key in _COUNTERS:
+                    state.setdefault(key, 0)
+                source = (saved or {}).get(id(p)) or {}
+                step = source.get("step", state.get("step", 0))
+                state["step"] = _step_tensor(step)
+                if any(key not in state for key in keys):
+                    continue
+                pair = []
+                for key in keys:
+                    value = source.get(key)
+                    if not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                            and value.shape == p.shape):
+                        value = state[key]
+                    pair.append(value.to(device=p.device))
+                initial[p] = (pair[0], pair[1].to(pair[0].dtype), state["step"])
+            flat = [p for p in initial if _plain(p) and self._foreach(group)]
+            in_layout = {id(p) for p in flat}
+            for p, (m, h, _) in initial.items():
+                if id(p) not in in_layout:
+                    self.state[p][keys[0]], self.state[p][keys[1]] = m.clone(), h.clone()
+            self._make_layouts(index, flat, initial)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict`` plus ``"sophia"``: the optimizer-wide values
+        (the regime detector's streak, the generator's state)."""
+        state_dict = super().state_dict()
+        extra: dict[str, Any] = {"sign_momentum_streak": int(self.sign_momentum_streak)}
+        if self.generator is not None:
+            extra["generator"] = {"device": str(self.generator.device),
+                                  "state": self.generator.get_state()}
+        state_dict["sophia"] = extra
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping the saved dtype of ``m`` and ``h``.
+        """``Optimizer.load_state_dict``, then: ``m``/``h`` keep their saved
+        dtype and move into fresh state buffers, steps become exact float64
+        counters, what older state lacks takes this optimizer's defaults
+        (``__setstate__``), and the ``"sophia"`` values are restored."""
+        state_dict = self._rename_loaded_state(state_dict)
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=False):
+            values = {k: v for k, v in saved.items() if k not in ("params", "fused")}
+            self._validate_group({**self.defaults, **values, "params": group["params"]})
+        saved_ids = list(itertools.chain.from_iterable(
+            g["params"] for g in state_dict["param_groups"]))
+        params = self._all_params()
+        if len(saved_ids) == len(params):
+            self._loading = {id(p): state_dict["state"].get(i)
+                             for i, p in zip(saved_ids, params, strict=True)}
+        try:
+            Optimizer.load_state_dict(self, state_dict)  # calls __setstate__
+        finally:
+            self.__dict__.pop("_loading", None)
+        extra = state_dict.get("sophia") or {}
+        self.sign_momentum_streak = int(extra.get("sign_momentum_streak", 0))
+        saved_generator = extra.get("generator")
+        if saved_generator is not None:
+            if self.generator is None:
+                self.generator = torch.Generator(device=saved_generator["device"])
+            self.generator.set_state(saved_generator["state"])
 
-        torch casts floating state to the parameter's dtype, which would round a
-        bf16 parameter's float32 state to bf16 and break bitwise resumption.
-        """
-        saved_groups = state_dict["param_groups"]
-        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
-        Optimizer.load_state_dict(self, state_dict)
-        for pid, p in zip(saved_ids, _all_params(self), strict=False):
-            saved = state_dict["state"].get(pid)
-            if not saved:
-                continue
-            state = self.state[p]
-            for key in ("m", "h"):
-                value = saved.get(key)
-                if isinstance(value, torch.Tensor) and value.dtype != state[key].dtype:
-                    state[key] = value.to(device=p.device, copy=True)
-            if "step" in state:
-                state["step"] = _step_tensor(state["step"])
+    def _rename_loaded_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
 
-    # -- portable state (sophia_core.portable: npz, no pickle) -------------------
+    # -- portable state (sophia_core.portable: no pickle) -------------------------
+
+    def _param_names(self) -> list[str]:
+        """Each parameter's name: ``param_names`` of the groups when the
+        optimizer was given ``named_parameters()``, else the flat index."""
+        names: list[str] = []
+        index = 0
+        for group in self.param_groups:
+            given = group.get("param_names")
+            for i, _ in enumerate(group["params"]):
+                names.append(str(given[i]) if given else str(index))
+                index += 1
+        return names
 
     def export_state(self, path: Any) -> None:
-        """Write step, ``m`` and ``h`` of every parameter to a portable file.
+        """Write step, ``m``, ``h`` and the counters to a portable file
+        (:func:`sophia_core.portable.save_state`, any backend reads it).
 
-        Parameters in ``param_groups`` order; a parameter with no state yet
-        is written as zeros. Hyperparameters are those of the first group in
-        the core's spelling (schedules resolved to the current number).
+        Tensors are named by :meth:`_param_names`; a parameter with no state
+        yet is written as zeros. Hyperparameters are the first group's, in
+        the core's spelling, with the gamma the update uses (for
+        :class:`SophiaG`, ``rho*bs`` of the last step: its ``h`` is in the
+        authors' scale, and ``gamma*h`` is what another backend needs).
         """
         from sophia_core import portable
 
         ms, hs = [], []
-        for p in _all_params(self):
+        for p in self._all_params():
             state = self.state.get(p)
-            if state and "m" in state:
-                m, h = state["m"], state["h"]
+            if state and self.momentum_key in state:
+                m, h = state[self.momentum_key], state[self.hessian_key]
             else:
-                m, h = init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
+                m, h = sophia_core.init_state(p.detach(), state_dtype=self.state_dtype, xp=xp)
             ms.append(m.detach().cpu().numpy())
             hs.append(h.detach().cpu().numpy())
+        group = self.param_groups[0]
+        counters = {"hessian_refreshes": self.hessian_refreshes,
+                    "rejected_hessian_coordinates": self.rejected_hessian_coordinates,
+                    "gamma": float(self._effective_gamma(group)),
+                    "sign_momentum_streak": int(self.sign_momentum_streak)}
         portable.save_state(path, step=self.completed_steps, ms=ms, hs=hs,
-                            hyperparameters=self._core_hyperparameters())
+                            hyperparameters=self._core_hyperparameters(), names=self._param_names(),
+                            counters=counters)
 
     @torch.no_grad()
     def import_state(self, path: Any) -> None:
-        """Load step, ``m`` and ``h`` from a portable file (any backend wrote it).
+        """Load step, ``m``, ``h`` and the counters from a portable file.
 
-        Shapes are checked against this optimizer's parameters; state keeps
-        the dtype this optimizer would use (float32 for bf16/fp16 params).
+        Tensors are matched by name (:meth:`_param_names`); shapes are
+        checked. State keeps the dtype this optimizer uses (float32 for
+        bf16/fp16 parameters).
         """
         from sophia_core import portable
 
-        params = _all_params(self)
-        loaded = portable.load_state(path, expect_shapes=[tuple(p.shape) for p in params])
-        for p, m, h in zip(params, loaded.ms, loaded.hs, strict=True):
-            state = self.state[p]
-            state.clear()
-            state["step"] = _step_tensor(0)
-            fresh = self._state_for(p)
-            fresh["m"].copy_(torch.from_numpy(m))
-            fresh["h"].copy_(torch.from_numpy(h))
-            fresh["step"] = _step_tensor(loaded.step)
+        params = self._all_params()
+        expect = dict(zip(self._param_names(), (tuple(p.shape) for p in params), strict=True))
+        loaded = portable.load_state(path, expect=expect)
+        counters = loaded.counters or {}
+        position = {id(p): i for i, p in enumerate(params)}
+        for index, group in enumerate(self.param_groups):
+            initial = {}
+            for p in group["params"]:
+                i = position[id(p)]
+                dtype = self._state_dtype_for(p)
+                self.state[p].clear()
+                self.state[p]["step"] = _step_tensor(loaded.step)
+                initial[p] = (torch.from_numpy(loaded.ms[i]).to(p.device, dtype),
+                              torch.from_numpy(loaded.hs[i]).to(p.device, dtype),
+                              loaded.step)
+            self._layouts.pop(index, None)
+            flat = [p for p in initial if _plain(p) and self._foreach(group)]
+            in_layout = {id(p) for p in flat}
+            for p, (m, h, _) in initial.items():
+                if id(p) not in in_layout:
+                    self.state[p][self.momentum_key], self.state[p][self.hessian_key] = m, h
+            self._make_layouts(index, flat, initial)
+            for p in group["params"]:
+                self.state[p]["hessian_refreshes"] = int(counters.get("hessian_refreshes", 0))
+                self.state[p]["rejected_hessian_coordinates"] = 0
+            if "gamma" in counters and group.get("target_unclipped_share") is not None:
+                self._set_effective_gamma(group, float(counters["gamma"]))
+        if params:  # the file keeps the total only
+            self.state[params[0]]["rejected_hessian_coordinates"] = int(
+                counters.get("rejected_hessian_coordinates", 0))
+        self.sign_momentum_streak = int(counters.get("sign_momentum_streak", 0))
+        self._completed = None
+        self._folded = None
 
     def _core_hyperparameters(self) -> dict[str, Any]:
         group = self.param_groups[0]
         lr = group["lr"]
-        values = {
-            "lr": float(lr), "b1": float(group["betas"][0]), "b2": float(group["betas"][1]),
-            "gamma": float(self._gamma_for_export(group)),
-            "weight_decay": float(group["weight_decay"]), "eps": float(group["eps"]),
-            "clip_threshold": float(group["clip_threshold"]),
+        return {
+            "lr": float(lr) if isinstance(lr, torch.Tensor) else lr,
+            "b1": group["betas"][0], "b2": group["betas"][1],
+            "gamma": float(self._effective_gamma(group)),
+            "weight_decay": group["weight_decay"], "eps": group["eps"],
+            "clip_threshold": group["clip_threshold"],
             "hessian_interval": self.hessian_interval,
             "refresh_at_start": self.refresh_at_start,
-            "bias_correction": bool(group["bias_correction"]),
-            "maximize": bool(group["maximize"]),
+            "bias_correction": group["bias_correction"], "maximize": group["maximize"],
+            "hessian_bias_correction": group["hessian_bias_correction"],
+            "target_unclipped_share": group["target_unclipped_share"],
         }
-        return values
 
-    def _gamma_for_export(self, group: dict[str, Any]) -> float:
-        return group["gamma"]
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
-    # -- the Hessian EMA --------------------------------------------------------
+    # -- the Hessian ---------------------------------------------------------------
 
     @torch.no_grad()
     def update_hessian(self, hhats: Sequence[torch.Tensor | None]) -> None:
-        """Fold ``hhats`` into ``h`` with :func:`sophia_core.hessian_ema`, now.
+        """Fold one estimate per parameter into ``h``
+        (:func:`sophia_core.fold_hessian`).
 
         ``hhats`` is parallel to ``[p for g in opt.param_groups for p in
-        g["params"]]``; ``None`` leaves that parameter's ``h`` unchanged.
-        Whether a refresh is due is the caller's decision
-        (:meth:`hessian_refresh_due`).
+        g["params"]]``; ``None`` leaves that parameter's ``h`` unchanged. A
+        coordinate whose estimate is not finite keeps its ``h`` and is
+        counted in :attr:`rejected_hessian_coordinates`. Every estimate is
+        checked (shape, dtype) before any ``h`` is written. Whether a refresh
+        is due is the caller's decision (:meth:`hessian_refresh_due`).
         """
-        params = _all_params(self)
+        params = self._all_params()
         hhats = list(hhats)
         if len(hhats) != len(params):
             raise ValueError(
                 f"update_hessian got {len(hhats)} estimates for {len(params)} parameters "
                 "(one per parameter, in param_groups order; None to skip one)")
+        per_group: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         index = 0
-        folded = []  # every estimate is checked before any h is written
         for group in self.param_groups:
-            b2 = group["betas"][1]
+            pairs = []
             for p in group["params"]:
                 hhat = hhats[index]
                 index += 1
                 if hhat is None:
                     continue
+                if not isinstance(hhat, torch.Tensor) or not hhat.is_floating_point():
+                    raise TypeError(f"estimate {index - 1} must be a floating tensor, "
+                                    f"got {type(hhat).__name__}")
                 if torch.is_complex(p):
                     _check_grad(p, hhat)
-                h = self._state_for(p)["h"]
-                folded.append((h, hessian_ema(h, hhat.detach(), b2=b2, xp=xp)))
-        for h, new_h in folded:
-            h.copy_(new_h)
+                sophia_core.check_same_shape("param", p, "hhat", hhat)
+                pairs.append((p, hhat.detach()))
+            per_group.append(pairs)
+        for gi, (group, pairs) in enumerate(zip(self.param_groups, per_group, strict=True)):
+            if not pairs:
+                continue
+            new = [p for p, _ in pairs if self.hessian_key not in self.state.get(p, {})]
+            if new:
+                self._init_states(gi, new, flat=self._foreach(group))
+            rejected = []
+            for p, hhat in pairs:
+                state = self.state[p]
+                state["hessian_refreshes"] = int(state.get("hessian_refreshes", 0)) + 1
+                rejected.append(self._fold(state[self.hessian_key], hhat, group,
+                                           state["hessian_refreshes"]))
+            counts = torch.stack(rejected).tolist()  # one device sync per refresh
+            for (p, _), count in zip(pairs, counts, strict=True):
+                state = self.state[p]
+                state["rejected_hessian_coordinates"] = int(
+                    state.get("rejected_hessian_coordinates", 0)) + int(count)
+        self._folded = True
+        self._after_refresh()
 
-    # -- the step ----------------------------------------------------------------
+    def _fold(self, h: torch.Tensor, hhat: torch.Tensor, group: dict[str, Any],
+              refresh: int) -> torch.Tensor:
+        """Fold ``hhat`` into ``h`` in place, in slices; return the rejected count."""
+        kwargs = dict(b2=group["betas"][1], refresh=refresh,
+                      bias_correction=group["hessian_bias_correction"], xp=xp)
+        if not (_plain(h) and h.is_contiguous() and hhat.is_contiguous()):
+            fold = sophia_core.fold_hessian(h, hhat, **kwargs)
+            h.copy_(fold.h)
+            rejected = fold.rejected
+            if hasattr(rejected, "full_tensor"):  # a DTensor: the count over all shards
+                rejected = rejected.full_tensor()
+            return rejected.to(device="cpu", dtype=torch.int64)
+        chunk = chunk_for(h.device, False)
+        flat_h, flat_hhat = h.view(-1), hhat.reshape(-1)
+        rejected = []
+        for a in range(0, flat_h.numel(), chunk):
+            fold = sophia_core.fold_hessian(flat_h[a:a + chunk], flat_hhat[a:a + chunk], **kwargs)
+            flat_h[a:a + chunk].copy_(fold.h)
+            rejected.append(fold.rejected)
+        if not rejected:
+            return torch.zeros((), dtype=torch.int64)
+        return torch.stack(rejected).sum().to(device="cpu", dtype=torch.int64)
 
-    def _gamma(self, group: dict[str, Any]) -> float:
+    def _after_refresh(self) -> None:
+        """Right after a fold: gamma from the target share, the share, the regime."""
+        step = max(self.completed_steps, 1)
+        for group in self.param_groups:
+            target = group.get("target_unclipped_share")
+            ms, hs = self._group_state(group, sliced=False)
+            if target is None or not ms:
+                continue
+            gamma = sophia_core.gamma_for_unclipped_share(
+                ms, hs, target=target, gamma=self._effective_gamma(group),
+                clip_threshold=group["clip_threshold"], b1=group["betas"][0], step=step,
+                bias_correction=group["bias_correction"], xp=xp)
+            self._set_effective_gamma(group, float(gamma))
+        count, total = 0, 0
+        for group in self.param_groups:
+            ms, hs = self._group_state(group, sliced=True)
+            if not ms:
+                continue
+            c, n = sophia_core.unclipped_count(
+                ms, hs, gamma=self._effective_gamma(group), eps=group["eps"],
+                clip_threshold=group["clip_threshold"], b1=group["betas"][0], step=step,
+                bias_correction=group["bias_correction"], xp=xp)
+            count += int(c)
+            total += n
+        if total == 0:
+            return
+        share = count / total
+        self.last_unclipped_share = share
+        self.sign_momentum_streak, warn = sophia_core.sign_momentum_regime(
+            int(self.sign_momentum_streak), share, refreshes=self.hessian_refreshes)
+        if warn and self.warn_sign_momentum and not self._warned_sign:
+            self._warned_sign = True
+            _warn(sophia_core.sign_momentum_message(share))
+
+    def _group_state(self, group: dict[str, Any], *, sliced: bool,
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``m`` and ``h`` of the group's parameters that have state, in group
+        order; ``sliced``: flat-buffer slices where a layout holds them (same
+        elements, fewer and cache-sized calls)."""
+        ms, hs = [], []
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        in_layout: set[int] = set()
+        if sliced:
+            for layout in self._layouts.get(index, []):
+                if layout.intact(self.state):
+                    m, h = layout.state_slices()
+                    ms.extend(m)
+                    hs.extend(h)
+                    in_layout.update(id(p) for p in layout.params)
+        for p in group["params"]:
+            state = self.state.get(p)
+            if id(p) in in_layout or not state or self.momentum_key not in state:
+                continue
+            ms.append(state[self.momentum_key])
+            hs.append(state[self.hessian_key])
+        return ms, hs
+
+    def _effective_gamma(self, group: dict[str, Any]) -> float:
+        """The gamma the update uses for this group."""
         return group["gamma"]
+
+    def _set_effective_gamma(self, group: dict[str, Any], gamma: float) -> None:
+        group["gamma"] = gamma
+
+    # -- the in-loop Sophia-G refresh ----------------------------------------------
+
+    def refresh_hessian(self, model: Callable[..., Any], *inputs: Any,
+                        targets: torch.Tensor | None = None,
+                        ignore_index: int = sophia_core.IGNORE_INDEX,
+                        shift_targets: bool = False, **model_kwargs: Any) -> bool:
+        """When a refresh is due, fold a Sophia-G estimate from this batch.
+
+        Call it once per optimizer step, anywhere before :meth:`step`; it does
+        nothing (and returns False) unless :meth:`hessian_refresh_due`, and at
+        most once per step (gradient accumulation may call it on every
+        micro-batch). When due, it runs ``model`` on the first
+        :func:`sophia_core.estimate_rows` ``(B, hessian_batch_fraction)``
+        sequences of the batch (dim 0 of every tensor in ``inputs`` and
+        ``model_kwargs``), samples labels from the logits, and folds
+        :func:`sophia_torch.gnb_hessian` (``p.grad`` is not touched).
+
+        Args:
+            model: the model (a DDP wrapper is unwrapped); its output is the
+                logits ``(..., V)``, or has ``.logits``, or is a tuple whose
+                first item is.
+            targets: the batch's labels, aligned with the logits' positions
+                (``(B, T)`` for ``(B, T, V)``); positions equal to
+                ``ignore_index`` do not count (padding, prompts).
+            shift_targets: logits at position t predict ``targets[t+1]``
+                (Hugging Face causal LMs shift inside the model).
+
+        Returns whether it refreshed.
+        """
+        if not self._refresh_wanted():
+            return False
+        from ._estimators import in_loop_gnb
+
+        estimates = in_loop_gnb(
+            model, inputs, model_kwargs, self._all_params(), targets=targets,
+            ignore_index=ignore_index, shift_targets=shift_targets,
+            fraction=self.hessian_batch_fraction, generator=self._generator_for,
+            scale=self._gnb_scale)
+        self.update_hessian(estimates)
+        return True
+
+    def _refresh_wanted(self) -> bool:
+        """Due, and not done yet at this step count."""
+        completed = self.completed_steps
+        if self._refreshed_at == completed or not self.hessian_refresh_due():
+            return False
+        self._refreshed_at = completed
+        return True
+
+    def _gnb_scale(self, used: int, batch: int) -> float:
+        """Factor on ``N * ghat**2`` from ``used`` of the batch's ``batch``
+        positions: 1 here (``h`` is in the core's scale)."""
+        return 1.0
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        """The estimator's generator (created on first use, on ``device``)."""
+        if self.generator is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        return self.generator
+
+    # -- the step --------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -360,249 +791,155 @@ class Sophia(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()
+        stepped: int | None = None
         for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, self._gamma(group))
+            value = self._step_group(index, group, compiling)
+            if value is not None:
+                stepped = value if stepped is None else max(stepped, value)
+        if compiling:
+            self._completed = None
+        elif stepped is not None:
+            self._completed = max(self.completed_steps, stepped)
+            self._check_refreshes()
         return loss
 
-    def _step_group(self, index: int, group: dict[str, Any], gamma: Any) -> None:
+    def _foreach(self, group: dict[str, Any]) -> bool:
+        foreach = group.get("foreach")
+        return (foreach is None or foreach) and not torch.compiler.is_compiling()
+
+    def _step_group(self, index: int, group: dict[str, Any], compiling: bool) -> int | None:
+        """Update the group's parameters; return the largest new step count
+        (None if nothing stepped)."""
         kwargs = dict(
-            lr=group["lr"], b1=group["betas"][0], gamma=gamma,
+            lr=_scalar(group["lr"]), b1=group["betas"][0], gamma=self._effective_gamma(group),
             weight_decay=group["weight_decay"], eps=group["eps"],
             clip_threshold=group["clip_threshold"],
             bias_correction=group["bias_correction"], maximize=group["maximize"],
         )
-        compiling = torch.compiler.is_compiling()
-        foreach = group.get("foreach")
-        foreach = (not compiling) if foreach is None else (foreach and not compiling)
-        flats = self.__dict__.setdefault("_flat", {})
-        if foreach:
-            flat = flats.get(index)
-            if flat is not None and flat.ready(group["params"], self.state):
-                flat.step(fused=bool(group.get("fused")), **kwargs)
-                return
-            flats.pop(index, None)
+        params = group["params"]
+        foreach = self._foreach(group)
+        compiled = bool(group.get("compiled")) and foreach
+        update = compiled_update if compiled else update_one
+        new = [p for p in params if p.grad is not None
+               and self.momentum_key not in self.state.get(p, {})]
+        if new:
+            for p in new:
+                _check_grad(p, p.grad)
+            self._init_states(index, new, flat=foreach)
+        largest: int | None = None
+        done: set[int] = set()
+        layouts = self._layouts.get(index, []) if foreach else []
+        for layout in list(layouts):
+            if not layout.intact(self.state):
+                layouts.remove(layout)  # its state was replaced: per tensor from now on
+                continue
+            grads = layout.gradients()
+            if grads is None:
+                continue  # some parameter sits this step out: per tensor below
+            step = layout.common_step()
+            if step is None and group["bias_correction"]:
+                continue  # differing step counts: per step count below
+            largest = max(largest or 0, layout.count_step())
+            layout.step(grads, update=update, step=(step or 0) + 1, **kwargs)
+            done.update(id(p) for p in layout.params)
+        if len(done) == len(params):
+            return largest
         buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, ...]]] = {}
-        for p in group["params"]:
+        for p in params:
             grad = p.grad
-            if grad is None:
+            if grad is None or id(p) in done:
                 continue
             _check_grad(p, grad)
-            state = self._state_for(p)
+            state = self.state[p]
             state["step"] += 1
-            # Eager: the core gets a Python int (bias correction in double, as
-            # on every backend). Compiled: the tensor itself (no recompiles).
-            step = state["step"] if compiling else int(state["step"])
-            m, h = state["m"], state["h"]
-            if foreach and _plain(p) and _plain(grad):
-                # The step count enters the math only through the bias correction.
-                key = (p.device, p.dtype, grad.dtype, m.dtype,
+            if compiling:
+                step: Any = state["step"]
+            else:
+                step = int(state["step"])
+                largest = max(largest or 0, step)
+            m, h = state[self.momentum_key], state[self.hessian_key]
+            if foreach and _plain(p) and _plain(grad) and _plain(m):
+                key = (p.device, p.dtype, grad.dtype, m.dtype, h.dtype,
                        step if group["bias_correction"] else 0)
                 buckets.setdefault(key, []).append((p, grad, m, h))
             else:
-                _update(p, grad, m, h, step=step, **kwargs)
+                update_one(p, grad, m, h, step=step, **kwargs)
+        for layout in layouts:
+            if id(layout.params[0]) not in done:
+                layout.step_value = None  # its parameters may have stepped unevenly
         for key, members in buckets.items():
-            _update_many(members, step=key[-1] if group["bias_correction"] else 1,
-                         chunk=_chunk(key[0], False), **kwargs)
-        if foreach and len(buckets) == 1:
-            members = next(iter(buckets.values()))
-            if len(members) == len(group["params"]) and _FlatLayout.fits(members):
-                chunk = _chunk(members[0][0].device, bool(group.get("fused")))
-                flats[index] = _FlatLayout(group["params"], self.state, chunk)
+            update_many(members, step=key[-1] if group["bias_correction"] else 1,
+                        chunk=chunk_for(key[0], compiled), update=update, **kwargs)
+        return largest
+
+    def _check_refreshes(self) -> None:
+        """Warn once if steps go on with no Hessian estimate ever folded."""
+        if not self.require_refresh or self._warned_missing:
+            return
+        if self._folded is None:  # state saved without counters: h says whether it folded
+            self._folded = self.hessian_refreshes > 0 or any(
+                bool(s[self.hessian_key].any()) for s in self._states() if self.hessian_key in s)
+        if self._folded:
+            return
+        completed = self.completed_steps
+        if sophia_core.missing_refresh(completed, 0, hessian_interval=self.hessian_interval,
+                                       refresh_at_start=self.refresh_at_start):
+            self._warned_missing = True
+            _warn(sophia_core.missing_refresh_message(completed, self.refresh_fix))
 
 
-class _FlatLayout:
-    """One param group's parameters, ``m`` and ``h`` viewed into three flat buffers.
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside torch and this package."""
+    import inspect
+    import os
 
-    Built after a step in which every parameter of the group had a dense
-    gradient of one device and dtype; from then on a step runs the core on
-    :data:`CHUNK`-element slices of the buffers (gradients: views of large
-    ones, one ``torch.cat`` per run of small ones), with no other per-tensor
-    work.
-    ``p.data`` becomes a view into the buffer (``p``, its ``.grad`` and
-    autograd are unaffected); ``state[p]["m"]``/``["h"]`` become views too,
-    so memory stays 2x the parameters. Anything that replaces one of these
-    tensors (``load_state_dict``, ``p.data = ...``) or a step where some
-    parameter has no gradient sends the group back to the bucketed path,
-    which rebuilds the layout.
-    """
-
-    def __init__(self, params: list[torch.Tensor], states: Any, chunk: int) -> None:
-        self.params = list(params)
-        sizes = [p.numel() for p in self.params]
-        self.size = sum(sizes)
-        self.param = torch.cat([p.detach().reshape(-1) for p in self.params])
-        self.m = torch.cat([states[p]["m"].reshape(-1) for p in self.params])
-        self.h = torch.cat([states[p]["h"].reshape(-1) for p in self.params])
-        self.steps = [states[p]["step"] for p in self.params]
-        self.plan = _plan(sizes, chunk)
-        self.ms, self.hs, self.pointers = [], [], []
-        for p, pv, mv, hv in zip(self.params, self.param.split(sizes), self.m.split(sizes),
-                                 self.h.split(sizes), strict=True):
-            p.data = pv.view(p.shape)
-            states[p]["m"] = mv.view(p.shape)
-            states[p]["h"] = hv.view(p.shape)
-            self.ms.append(states[p]["m"])
-            self.hs.append(states[p]["h"])
-            self.pointers.append(p.data_ptr())
-
-    @staticmethod
-    def fits(members: list[tuple[torch.Tensor, ...]]) -> bool:
-        """Contiguous tensors and one step count (the bucket key has one)."""
-        return all(t.is_contiguous() for tensors in members for t in tensors)
-
-    def ready(self, params: list[torch.Tensor], states: Any) -> bool:
-        """Same parameters, still our views, every one with a dense gradient."""
-        if len(params) != len(self.params):
-            return False
-        for p, mine, ptr, m, h, step in zip(params, self.params, self.pointers, self.ms,
-                                            self.hs, self.steps, strict=True):
-            grad = p.grad
-            if (p is not mine or grad is None or grad.layout != torch.strided
-                    or p.data_ptr() != ptr):
-                return False
-            state = states[p]
-            if state.get("m") is not m or state.get("h") is not h or state.get("step") is not step:
-                return False
-        return True
-
-    def step(self, *, fused: bool, **kwargs: Any) -> None:
-        torch._foreach_add_(self.steps, 1.0)
-        if fused:
-            # The core compiled by Inductor: one kernel per slice. Numbers that
-            # change between steps go in as tensors (no recompilation); a
-            # float64 0-d tensor rounds to float32 in the kernel exactly as a
-            # Python float does in eager mode.
-            update = _compiled_update()
-            step = self.steps[0]
-            for key in ("lr", "gamma"):
-                kwargs[key] = torch.as_tensor(kwargs[key], dtype=torch.float64)
-        else:
-            update = _update
-            step = int(self.steps[0])
-        grads = [p.grad.reshape(-1) for p in self.params]
-        for start, end, members, offset in self.plan:
-            if len(members) == 1:  # a slice of one parameter: its gradient's view
-                grad = grads[members[0]][offset:offset + end - start]
-            else:  # a run of small parameters: one concatenation
-                grad = torch.cat([grads[i] for i in members])
-            update(self.param[start:end], grad, self.m[start:end], self.h[start:end],
-                   step=step, **kwargs)
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    level, frame = 1, inspect.currentframe()
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def _plan(sizes: list[int], chunk: int) -> list[tuple[int, int, list[int], int]]:
-    """Slices of the flat buffer of at most ``chunk`` elements: ``(start, end,
-    parameter indices, offset in the first)``. A large parameter is cut into
-    slices of itself (its gradient is viewed, not copied); consecutive small
-    ones are grouped (their gradients are concatenated)."""
-    plan: list[tuple[int, int, list[int], int]] = []
-    run: list[int] = []
-    run_start = position = 0
-    for i, n in enumerate(sizes):
-        if n >= chunk:
-            if run:
-                plan.append((run_start, position, run, 0))
-                run = []
-            plan.extend((position + a, position + min(a + chunk, n), [i], a)
-                        for a in range(0, n, chunk))
-        else:
-            if run and position + n - run_start > chunk:
-                plan.append((run_start, position, run, 0))
-                run = []
-            if not run:
-                run_start = position
-            run.append(i)
-        position += n
-    if run:
-        plan.append((run_start, position, run, 0))
-    return plan
-
-
-def _update(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, h: torch.Tensor, *,
-            step: int, **kwargs: Any) -> None:
-    """One core call; write the new parameter and momentum in place."""
-    new_p, new_state = sophia_update(p, grad, SophiaState(m, h), step=step, xp=xp, **kwargs)
-    p.copy_(new_p)
-    m.copy_(new_state.m)
-
-
-_COMPILED: list[Any] = []
-
-
-def _compiled_update() -> Callable[..., None]:
-    """:func:`_update` (the core plus the in-place writes) under ``torch.compile``."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_update, fullgraph=True))
-    return _COMPILED[0]
-
-
-def _chunk(device: torch.device, fused: bool) -> int:
-    """Slice length: cache-sized on CPU; on accelerators (no cache to fit,
-    a launch per operation) and for compiled kernels, large."""
-    return CHUNK if device.type == "cpu" and not fused else FUSED_CHUNK
-
-
-def _update_many(members: list[tuple[torch.Tensor, ...]], *, step: int, chunk: int,
-                 **kwargs: Any) -> None:
-    """The fast path: the core on buckets of at most ``chunk`` elements."""
-    small: list[tuple[torch.Tensor, ...]] = []
-    small_size = 0
-    for tensors in members:
-        n = tensors[0].numel()
-        if n >= chunk and all(t.is_contiguous() for t in tensors):
-            flat = [t.view(-1) for t in tensors]
-            for start in range(0, n, chunk):
-                _update(*(t[start:start + chunk] for t in flat), step=step, **kwargs)
-            continue
-        small.append(tensors)
-        small_size += n
-        if small_size >= chunk:
-            _update_concatenated(small, step=step, **kwargs)
-            small, small_size = [], 0
-    if small:
-        _update_concatenated(small, step=step, **kwargs)
-
-
-def _update_concatenated(members: list[tuple[torch.Tensor, ...]], *, step: int,
-                         **kwargs: Any) -> None:
-    if len(members) == 1:
-        _update(*members[0], step=step, **kwargs)
-        return
-    params, grads, ms, hs = zip(*members, strict=True)
-    flat = [torch.cat([t.reshape(-1) for t in ts]) for ts in (params, grads, ms, hs)]
-    _update(*flat, step=step, **kwargs)
-    sizes = [t.numel() for t in params]
-    torch._foreach_copy_(list(params), [v.view_as(p) for v, p in
-                                        zip(flat[0].split(sizes), params, strict=True)])
-    torch._foreach_copy_(list(ms), [v.view_as(m) for v, m in
-                                    zip(flat[2].split(sizes), ms, strict=True)])
+def _compiled_option(compiled: bool, fused: bool | None) -> bool:
+    """``compiled``, accepting 0.1's ``fused`` with a deprecation warning."""
+    if fused is not None:
+        warnings.warn("fused= is deprecated: the option runs the core under torch.compile "
+                      "and is called compiled= now", FutureWarning, stacklevel=3)
+        return bool(fused) or compiled
+    return compiled
 
 
 class SophiaH(Sophia):
-    """Sophia-H: :class:`Sophia` plus its Hutchinson estimator.
+    """Sophia-H: :class:`Sophia` with its Hutchinson estimator.
 
     ``update_hessian(loss=loss)`` estimates hhat with
     :func:`sophia_torch.hutchinson_hessian` (``n_probes`` probes of kind
-    ``probe`` drawn from ``generator``) and folds it; ``loss`` must have been
-    computed with a graph (no ``torch.no_grad``). ``update_hessian(hhats)``
-    folds given estimates, as in :class:`Sophia`. ``.grad`` is not touched.
+    ``probe`` drawn from :attr:`generator`) and folds it; ``loss`` must have
+    been computed with a graph. :meth:`refresh_hessian` does that when a
+    refresh is due. ``update_hessian(hhats)`` folds given estimates, as in
+    :class:`Sophia`. ``.grad`` is not touched. The generator's state is part
+    of :meth:`state_dict`, so a resumed run draws the same probes.
     """
+
+    refresh_fix = ("Call opt.refresh_hessian(loss) before loss.backward() in the training "
+                   "loop (or opt.update_hessian(loss=loss, retain_graph=True) when "
+                   "opt.hessian_refresh_due()).")
+    _PICKLED = (*Sophia._PICKLED, "n_probes", "probe")
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
                  betas: tuple[float, float] = (0.965, 0.99), gamma: float = 0.04,
                  weight_decay: float = 0.1, eps: float = 1e-12, clip_threshold: float = 1.0,
                  hessian_interval: int = 10, refresh_at_start: bool = True,
                  bias_correction: bool = False, maximize: bool = False, *,
-                 n_probes: int = 1, probe: str = "gaussian",
-                 generator: torch.Generator | None = None,
-                 foreach: bool | None = None, fused: bool = False,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 n_probes: int = 1, probe: str = "gaussian", **options: Any) -> None:
         sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
-        self.n_probes = n_probes
+        self.n_probes = int(n_probes)
         self.probe = probe
-        self.generator = generator
         super().__init__(params, lr, betas, gamma, weight_decay, eps, clip_threshold,
                          hessian_interval, refresh_at_start, bias_correction, maximize,
-                         foreach=foreach, fused=fused, state_dtype=state_dtype)
+                         **options)
 
     def update_hessian(self, hhats: Sequence[torch.Tensor | None] | None = None, *,
                        loss: torch.Tensor | None = None, retain_graph: bool = False) -> None:
@@ -615,61 +952,117 @@ class SophiaH(Sophia):
         if loss is not None:
             from ._estimators import hutchinson_hessian
 
-            hhats = hutchinson_hessian(loss, _all_params(self), n_probes=self.n_probes,
-                                       probe=self.probe, generator=self.generator,
+            params = self._all_params()
+            hhats = hutchinson_hessian(loss, params, n_probes=self.n_probes, probe=self.probe,
+                                       generator=self._generator_for(loss.device),
                                        retain_graph=retain_graph)
         super().update_hessian(hhats)
+
+    def refresh_hessian(self, loss: torch.Tensor, *, retain_graph: bool = True) -> bool:  # type: ignore[override]
+        """When a refresh is due (once per step), fold a Hutchinson estimate of
+        ``loss`` (call it before ``loss.backward()``). Returns whether it did."""
+        if not self._refresh_wanted():
+            return False
+        self.update_hessian(loss=loss, retain_graph=retain_graph)
+        return True
 
 
 class SophiaG(Sophia):
     """Drop-in for the authors' ``SophiaG`` (PyPI ``sophia-opt``), on the core.
 
-    Same signature and loop: ``step(closure=None, bs=5120)`` and
-    ``update_hessian()`` with no arguments, which folds ``p.grad**2`` (call
-    it after the backward of the sampled-label loss, as their loop does).
-    Their state is :math:`h = \\mathrm{EMA}(\\hat g^2)` and their step divides
-    by ``rho*bs*h + 1e-15``; this class runs :func:`sophia_core.sophia_update`
-    with ``gamma = rho*bs`` and ``eps = 1e-15``, i.e. ``max(rho*bs*h, 1e-15)``,
-    which equals theirs to float32 rounding for ``h >= 0`` (it never walks
-    uphill when a given ``h`` is negative). ``h`` stays in the authors' scale
-    (N = 1 in :func:`sophia_core.gnb_estimate`; ``bs`` carries N).
+    Same signature, loop and state: ``step(closure=None, bs=5120)``,
+    ``update_hessian()`` with no arguments folding ``p.grad**2`` (after the
+    backward of the sampled-label loss, as their loop does), and per
+    parameter ``state["exp_avg"]``, ``state["hessian"]`` and a tensor
+    ``state["step"]``: their logging reads it, their checkpoints load here
+    and this class's load into theirs.
 
-    Extra keyword-only arguments (defaults reproduce the authors' code):
-    ``eps=1e-15``, ``clip_threshold=1``, ``hessian_interval=10`` with
-    ``refresh_at_start=False`` (for :meth:`hessian_refresh_due`),
-    ``bias_correction=False``, ``foreach``, ``state_dtype``. ``capturable``
-    is accepted for compatibility and has no effect (the step counter is a
-    Python int; nothing syncs). ``load_state_dict`` also reads the authors'
-    checkpoints (keys ``exp_avg``, ``hessian``, tensor ``step``).
+    Their ``h`` is :math:`\\mathrm{EMA}(\\hat g^2)` and their step divides by
+    ``rho*bs*h + 1e-15``; this class runs :func:`sophia_core.sophia_update`
+    with ``gamma = rho*bs`` and ``eps = 1e-15``, i.e. ``max(rho*bs*h,
+    1e-15)``: theirs to float32 rounding for ``h >= 0`` (and never uphill
+    where a given ``h`` is negative). ``h`` stays in their scale (N = 1 in
+    :func:`sophia_core.gnb_estimate`; ``bs`` carries N).
+
+    Keyword-only extras (defaults reproduce their code): ``eps=1e-15``,
+    ``clip_threshold``, ``hessian_interval=10`` with
+    ``refresh_at_start=False`` (their loop refreshes after steps k, 2k, ...),
+    and every :class:`Sophia` option. ``capturable`` is accepted and has no
+    effect. :meth:`refresh_hessian` folds an estimate in their scale for a
+    batch of N positions (so ``step(bs=N)`` matches it).
     """
+
+    momentum_key = "exp_avg"
+    hessian_key = "hessian"
+    _gamma_key = "rho"
+    _refresh_at_start_default = False
+    refresh_fix = ("Refresh as the authors' loop does (every k steps: backward a loss on labels "
+                   "sampled from the model, then optimizer.update_hessian()), or call "
+                   "optimizer.refresh_hessian(model, inputs) before optimizer.step().")
+    _PICKLED = (*Sophia._PICKLED, "_bs")
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-4,
                  betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
                  weight_decay: float = 1e-1, *, maximize: bool = False,
                  capturable: bool = False, eps: float = 1e-15, clip_threshold: float = 1.0,
                  hessian_interval: int = 10, refresh_at_start: bool = False,
-                 bias_correction: bool = False, foreach: bool | None = None,
-                 fused: bool = False, state_dtype: torch.dtype | None = None) -> None:
+                 bias_correction: bool = False,
+                 hessian_bias_correction: bool = sophia_core.DEFAULTS["hessian_bias_correction"],
+                 target_unclipped_share: float | None = None,
+                 require_refresh: bool = True, warn_sign_momentum: bool = True,
+                 hessian_batch_fraction: float = sophia_core.DEFAULTS["hessian_batch_fraction"],
+                 generator: torch.Generator | None = None, foreach: bool | None = None,
+                 compiled: bool = False, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
         defaults = dict(
-            lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-            clip_threshold=clip_threshold, bias_correction=bias_correction,
-            maximize=maximize, capturable=capturable, foreach=foreach, fused=fused,
+            lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+            clip_threshold=clip_threshold, bias_correction=bias_correction, maximize=maximize,
+            capturable=capturable, hessian_bias_correction=hessian_bias_correction,
+            target_unclipped_share=target_unclipped_share, foreach=foreach,
+            compiled=_compiled_option(compiled, fused),
         )
-        self._init(params, defaults, hessian_interval, refresh_at_start, state_dtype)
+        #: The ``bs`` of the last step (N, the positions per batch).
+        self._bs: float = 5120
+        self._init(params, defaults, hessian_interval=hessian_interval,
+                   refresh_at_start=refresh_at_start, require_refresh=require_refresh,
+                   warn_sign_momentum=warn_sign_momentum,
+                   hessian_batch_fraction=hessian_batch_fraction, generator=generator,
+                   state_dtype=state_dtype)
 
-    def _gamma(self, group: dict[str, Any]) -> float:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_bs", 5120)
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
+
+    def _effective_gamma(self, group: dict[str, Any]) -> float:
         return group["rho"] * self._bs
 
-    def _gamma_for_export(self, group: dict[str, Any]) -> float:
-        # h is in the authors' scale (EMA of ghat**2): gamma is rho per position.
-        return group["rho"]
+    def _set_effective_gamma(self, group: dict[str, Any], gamma: float) -> None:
+        group["rho"] = gamma / self._bs
+
+    def _gnb_scale(self, used: int, batch: int) -> float:
+        # N_used * ghat**2 estimates N_batch * (the batch's ghat)**2; their h is
+        # the latter over N_batch.
+        return 1.0 / max(batch, 1)
+
+    def _rename_loaded_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """sophia_torch 0.1 saved ``"m"``/``"h"``: read those as theirs."""
+        renamed = {"m": self.momentum_key, "h": self.hessian_key}
+        state = {pid: {renamed.get(k, k): v for k, v in s.items()}
+                 for pid, s in state_dict["state"].items()}
+        return {**state_dict, "state": state}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, bs: int | float = 5120) -> Any:
         """One step; the denominator is ``max(rho*bs*h, eps)``."""
         if isinstance(bs, torch.Tensor):
             bs = bs.item()
-        if not (isinstance(bs, (int, float)) and math.isfinite(bs) and bs > 0):
+        if isinstance(bs, bool) or not isinstance(bs, (int, float)):
+            raise TypeError(f"bs (the number of label positions N) must be a number, got {bs!r}")
+        if not (math.isfinite(bs) and bs > 0):
             raise ValueError(f"bs (the number of label positions N) must be > 0, got {bs!r}")
         self._bs = bs
         return self._step(closure)
@@ -682,16 +1075,6 @@ class SophiaG(Sophia):
         multiplies ``h`` by ``rho*bs``).
         """
         if hhats is None:
-            hhats = [
-                None if p.grad is None else sophia_core.gnb_estimate(p.grad, 1, xp=xp)
-                for p in _all_params(self)
-            ]
+            hhats = [None if p.grad is None else sophia_core.gnb_estimate(p.grad, 1, xp=xp)
+                     for p in self._all_params()]
         super().update_hessian(hhats)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        renamed = {"exp_avg": "m", "hessian": "h"}
-        state = {}
-        for pid, s in state_dict["state"].items():
-            s = {renamed.get(k, k): v for k, v in s.items()}
-            state[pid] = s
-        super().load_state_dict({**state_dict, "state": state})

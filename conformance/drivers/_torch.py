@@ -3,7 +3,10 @@
 Gradients are written to ``p.grad`` and ``opt.step()`` is called; refreshes
 call ``opt.update_hessian(hhats)`` (parameters in ``param_groups`` order); a
 schedule sets ``param_group["lr"]`` before each step, which is what every
-``torch.optim.lr_scheduler`` does. State is read from ``opt.state[p]``.
+``torch.optim.lr_scheduler`` does. State is read from ``opt.state[p]``; the
+counters from the optimizer's attributes (``hessian_refreshes``,
+``rejected_hessian_coordinates``) and, with a target unclipped share, the
+gamma in use from ``param_groups[0]["gamma"]``.
 """
 
 from __future__ import annotations
@@ -53,9 +56,20 @@ class TorchDriver(Driver):
             weight_decay=hyper.weight_decay, eps=hyper.eps,
             clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
             refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
-            maximize=hyper.maximize,
+            maximize=hyper.maximize, hessian_bias_correction=hyper.hessian_bias_correction,
+            target_unclipped_share=hyper.target_unclipped_share,
+            # Scenarios drive refreshes themselves (or none): no advice wanted.
+            require_refresh=False, warn_sign_momentum=False,
         )
+        self.target = hyper.target_unclipped_share
         self.completed = 0
+
+    def _counters(self) -> dict[str, float]:
+        counters = {"hessian_refreshes": self.opt.hessian_refreshes,
+                    "rejected_hessian_coordinates": self.opt.rejected_hessian_coordinates}
+        if self.target is not None:
+            counters["gamma"] = float(self.opt.param_groups[0]["gamma"])
+        return counters
 
     def refresh(self, hhats):
         self.opt.update_hessian([self._tensor(h, state_dtype(self.dtype)) for h in hhats])
@@ -85,6 +99,7 @@ class TorchDriver(Driver):
             ms=[slot(s, p, "m") for s, p in pairs],
             hs=[slot(s, p, "h") for s, p in pairs],
             step=steps.pop() if len(steps) == 1 else (0 if not steps else -1),
+            counters=self._counters(),
         )
 
     def run(self, streams, *, start=0, stop=None, init=True):
@@ -108,7 +123,7 @@ class TorchDriver(Driver):
                   for k, dt in (("p", _torch_dtype(dtype)),
                                 ("m", _torch_dtype(state_dtype(dtype))),
                                 ("h", _torch_dtype(state_dtype(dtype))))}
-        counts = []
+        counts, counters = [], []
         with torch.no_grad():
             for t in range(steps):
                 if t in refresh_index:
@@ -125,11 +140,14 @@ class TorchDriver(Driver):
                     record["m"][i][t].copy_(state["m"])
                     record["h"][i][t].copy_(state["h"])
                 counts.append(_step_count(self.opt.state[self.params[0]]["step"]))
+                counters.append(self._counters())
         self.completed = steps
         return Trajectory(params=[_numpy(x) for x in record["p"]],
                           ms=[_numpy(x) for x in record["m"]],
                           hs=[_numpy(x) for x in record["h"]],
-                          steps=np.asarray(counts, dtype=np.int64))
+                          steps=np.asarray(counts, dtype=np.int64),
+                          counters={k: np.asarray([c[k] for c in counters], dtype=np.float64)
+                                    for k in counters[0]})
 
     def export_state(self, path):
         self.opt.export_state(path)

@@ -20,7 +20,8 @@ def results(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("distributed")
     mp.spawn(workers.worker, args=(2, str(tmp / "rendezvous"), str(tmp)), nprocs=2, join=True)
-    return {kind: torch.load(tmp / f"{kind}.pt") for kind in ("ddp", "fsdp2")}
+    return {kind: torch.load(tmp / f"{kind}.pt")
+            for kind in ("ddp", "fsdp2", "ddp_refresh", "fsdp2_refresh")}
 
 
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(results):
@@ -40,3 +41,17 @@ def test_fsdp2_two_processes_equal_one_process_on_the_global_batch(results):
     single = workers.single_process("fsdp2")
     for a, b in zip(single, distributed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ddp_refresh", "fsdp2_refresh"])
+def test_the_in_loop_refresh_under_ddp_and_fsdp2_equals_one_process(results, kind):
+    """``opt.refresh_hessian(model, x)`` in the standard loop: the DDP wrapper
+    is unwrapped and ghat all-reduced; FSDP2's sharded parameters get the
+    estimate through their reduce-scattered ``.grad``. Either way the global
+    estimate of one process on the same rows and noise."""
+    import _distributed_workers as workers
+
+    single = workers.single_process_refresh(2)
+    assert all(bool(h.abs().sum() > 0) for h in single[len(single) // 2:])
+    for a, b in zip(single, results[kind], strict=True):  # parameters, then h
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.abs().max()))

@@ -252,7 +252,8 @@ def test_invalid_group_hyperparameters_and_estimate_count():
 def test_refresh_schedule():
     p = torch.nn.Parameter(torch.zeros(2))
     for at_start, expected in ((True, [0, 3, 6]), (False, [3, 6])):
-        opt = sophia_torch.Sophia([p], hessian_interval=3, refresh_at_start=at_start)
+        opt = sophia_torch.Sophia([p], hessian_interval=3, refresh_at_start=at_start,
+                                  require_refresh=False)
         due = []
         for t in range(8):
             if opt.hessian_refresh_due():
@@ -270,39 +271,45 @@ def _same_model_twice(shapes):
     return a, b, gen
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_flat_layout_is_bitwise_the_per_tensor_path_and_rebuilds(fused):
-    """After one step a group's tensors are views of flat buffers; a missing
-    gradient or a loaded state_dict falls back and rebuilds, bitwise throughout."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_state_buffers_are_bitwise_the_per_tensor_path_and_rebuild(compiled):
+    """m and h of a group live in flat buffers (their state entries are views);
+    a missing gradient, a loaded state_dict or replaced state fall back and
+    rebuild, bitwise the for-loop path throughout; parameters keep their storage."""
     shapes = [(sophia_torch.CHUNK + 5, 2), (7, 3), (11,), (sophia_torch.CHUNK // 2,), (1,)]
     a, b, gen = _same_model_twice(shapes)
-    flat = sophia_torch.Sophia(a, lr=1e-2, gamma=0.3, hessian_interval=2, fused=fused)
+    storages = [p.untyped_storage().data_ptr() for p in a]
+    multi = sophia_torch.Sophia(a, lr=1e-2, gamma=0.3, hessian_interval=2, compiled=compiled)
     plain = sophia_torch.Sophia(b, lr=1e-2, gamma=0.3, hessian_interval=2, foreach=False)
-    schedules = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in (flat, plain)]
-    for t in range(7):
+    schedules = [torch.optim.lr_scheduler.ExponentialLR(o, 0.9) for o in (multi, plain)]
+    for t in range(8):
         hh = [torch.randn(s, generator=gen) for s in shapes]
         gs = [torch.randn(s, generator=gen) for s in shapes]
         if t == 4:
             plain.load_state_dict(plain.state_dict())
-            flat.load_state_dict(flat.state_dict())  # new state tensors: rebuilt next step
-        for ps, opt, sched in zip((a, b), (flat, plain), schedules, strict=True):
+            multi.load_state_dict(multi.state_dict())
+        if t == 6:  # a user replaces one state tensor: that parameter leaves the buffers
+            for opt, ps in ((multi, a), (plain, b)):
+                opt.state[ps[1]]["m"] = opt.state[ps[1]]["m"].clone()
+        for ps, opt, sched in zip((a, b), (multi, plain), schedules, strict=True):
             if opt.hessian_refresh_due():
                 opt.update_hessian(hh)
             for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
             if t == 2:
-                ps[2].grad = None  # one parameter sits out: the flat step does not apply
+                ps[2].grad = None  # one parameter sits out
             opt.step()
             sched.step()
-        if t in (1, 6):
-            storages = {p.untyped_storage().data_ptr() for p in a}
-            assert len(storages) == 1  # the parameters live in one buffer
-            assert 0 in flat._flat  # and the flat step applies
+        if t in (1, 5):
+            storage = {multi.state[p]["m"].untyped_storage().data_ptr() for p in a}
+            assert len(storage) == 1  # one buffer for the group's momentum
+    assert storages == [p.untyped_storage().data_ptr() for p in a]
     for pa, pb in zip(a, b, strict=True):
         assert torch.equal(pa, pb)
-        assert torch.equal(flat.state[pa]["m"], plain.state[pb]["m"])
-        assert torch.equal(flat.state[pa]["h"], plain.state[pb]["h"])
-        assert int(flat.state[pa]["step"]) == int(plain.state[pb]["step"])
+        assert torch.equal(multi.state[pa]["m"], plain.state[pb]["m"])
+        assert torch.equal(multi.state[pa]["h"], plain.state[pb]["h"])
+        assert int(multi.state[pa]["step"]) == int(plain.state[pb]["step"])
+    assert int(multi.state[a[2]]["step"]) == 7
 
 
 def test_deepcopy_keeps_the_schedule_and_continues_identically():

@@ -6,9 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sophia_core import unclipped_share
-
-from .common import Config, RunResult, StepResult, init_params, refresh_rows, run_loop
+from .common import Config, RunResult, StepResult, init_params, run_loop
 
 
 class GPT(torch.nn.Module):
@@ -50,7 +48,6 @@ class Trainer:
         self.config = config
         self.model = GPT(config)
         self.params = list(self.model.parameters())
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.sophia = optimizer == "sophia-g"
         if self.sophia:
             import sophia_torch
@@ -59,6 +56,8 @@ class Trainer:
                 self.params, lr=lr, betas=(config.sophia_b1, config.sophia_b2),
                 gamma=config.sophia_gamma, weight_decay=config.sophia_weight_decay,
                 hessian_interval=config.hessian_interval,
+                hessian_batch_fraction=config.hessian_fraction,
+                generator=torch.Generator().manual_seed(config.seed),
             )
         else:
             self.opt = torch.optim.AdamW(
@@ -69,18 +68,11 @@ class Trainer:
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x = torch.from_numpy(x)
-        refreshed = self.sophia and self.opt.hessian_refresh_due()
-        if refreshed:
-            # Sophia-G: hhat = N * ghat**2 at labels sampled from the model,
-            # on the first rows of this step's batch.
-            import sophia_torch
-
-            logits = self.model(x[: refresh_rows(len(x), self.config)])
-            self.opt.update_hessian(
-                sophia_torch.gnb_hessian(logits, self.params, generator=self.generator))
-        logits = self.model(x)
-        loss = loss_fn(logits, torch.from_numpy(y).long())
+        x, y = torch.from_numpy(x), torch.from_numpy(y).long()
+        # Sophia-G: when due, hhat = N * ghat**2 at labels sampled from the
+        # model, on the first quarter of this batch's sequences.
+        refreshed = self.sophia and self.opt.refresh_hessian(self.model, x, targets=y)
+        loss = loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -96,13 +88,7 @@ class Trainer:
         return total / count
 
     def unclipped_share(self) -> float | None:
-        if not self.sophia:
-            return None
-        states = [self.opt.state[p] for p in self.params]
-        c = self.config
-        value = unclipped_share([s["m"] for s in states], [s["h"] for s in states],
-                                gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0)
-        return float(value)
+        return self.opt.last_unclipped_share if self.sophia else None
 
 
 def train(config: Config, batches, optimizer: str, lr: float, *, progress: bool = True,
