@@ -245,12 +245,29 @@ def estimate_hessian(
     )
 
 
+def _per_device(tree: Any, axis_name: Any) -> Any:
+    """``tree`` as values that vary over ``axis_name`` (``jax.lax.pcast``).
+
+    Differentiating with respect to replicated parameters inside
+    ``shard_map(..., check_vma=True)`` sums the devices' gradients (the
+    transpose of the implicit broadcast); with varying ones each device gets
+    its own, in either mode, and the reductions below are the only ones.
+    """
+    def cast(x: Any) -> Any:
+        if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+            return x
+        return jax.lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
 def _gnb(params: Any, key: jax.Array, logits_fn: Callable[[Any], Any], label_mask: Any,
          axis_name: Any) -> Any:
     """Sophia-G: sample labels from the model, ``ghat`` of their loss, ``N*ghat^2``."""
     if axis_name is not None:
         # Each device samples its own positions: independent noise per device.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        params = _per_device(params, axis_name)
     logits, pullback = jax.vjp(logits_fn, params)
     z = jax.lax.stop_gradient(logits)
     noise_dtype = sophia_core.compute_dtype(z.dtype, xp=jnp)
@@ -303,10 +320,10 @@ def _hutchinson(params: Any, key: jax.Array, loss_fn: Callable[[Any], Any], *, p
 
     def probe_and_product(j: Any) -> tuple[Any, Any]:
         u = _probe(_probe_key(key, j), params, probe)
-        hvp = jax.jvp(grad_fn, (params,), (u,))[1]
-        if axis_name is not None:
-            hvp = jax.lax.pmean(hvp, axis_name)
-        return u, hvp
+        if axis_name is None:
+            return u, jax.jvp(grad_fn, (params,), (u,))[1]
+        local = _per_device((params, u), axis_name)
+        return u, jax.lax.pmean(jax.jvp(grad_fn, local[:1], local[1:])[1], axis_name)
 
     if isinstance(n_probes, int) or not isinstance(n_probes, jax.core.Tracer):
         n = int(n_probes)
