@@ -226,17 +226,20 @@ class _Sophia:
                   for p in leaves]
         floats = jnp.float64 if jnp.dtype(jnp.float64) in compute else jnp.float32
         counter = jax.dtypes.canonicalize_dtype(jnp.int64)
-        zero = jnp.zeros([], counter)
+
+        def zero() -> jax.Array:  # a buffer of its own each (they may be donated)
+            return jnp.zeros([], counter)
+
         return SophiaState(
-            count=zero,
+            count=zero(),
             m=treedef.unflatten([s.m for s in states]),
             h=treedef.unflatten([s.h for s in states]),
             key=_make_key(self.key),
-            hessian_refreshes=zero,
-            rejected_hessian_coordinates=zero,
-            gamma=jnp.asarray(self.gamma).astype(floats),
+            hessian_refreshes=zero(),
+            rejected_hessian_coordinates=zero(),
+            gamma=jnp.array(self.gamma, dtype=floats),
             unclipped_share=jnp.zeros([], floats),
-            sign_momentum_streak=zero,
+            sign_momentum_streak=zero(),
         )
 
     # -- one update ------------------------------------------------------------
@@ -256,7 +259,7 @@ class _Sophia:
         count = self._increment(state.count)
         if self.refresh_after_step:  # due by the incoming count, as optax.contrib.sophia
             refresh = self._maybe_refresh(refresh, state.count, m, count, params, estimator)
-        self._check_missing(count, refresh.refreshes)
+        self._check_missing(count, refresh.refreshes, estimator)
         if self.target is None:  # the hyperparameter (it may be injected)
             refresh = refresh._replace(gamma=jnp.asarray(self.gamma).astype(state.gamma.dtype))
         return out, SophiaState(
@@ -300,9 +303,12 @@ class _Sophia:
                      "JAX_ENABLE_X64=1) to train longer")
         return count + 1
 
-    def _check_missing(self, count: jax.Array, refreshes: jax.Array) -> None:
+    def _check_missing(self, count: jax.Array, refreshes: jax.Array,
+                       estimator: SophiaEstimator | None) -> None:
         if not self.require_refresh:
             return
+        if self.refresh_when == "due" and estimator is not None and estimator.where is None:
+            return  # every due step refreshes: nothing can go missing (and no cond to pay)
         k = self.hessian_interval
         first_due = 0 if self.refresh_at_start else k
         if count.dtype == jnp.int32 and isinstance(k, int) and first_due + k >= _INT32_MAX:

@@ -322,6 +322,23 @@ def test_a_plain_transformation_with_nothing_hung_on_it():
     assert isinstance(exact, sophia_jax.ExactSophia)
 
 
+def test_state_can_be_donated(rng):
+    """Every leaf of a fresh state is a buffer of its own (donation refuses twins)."""
+    params, _, logits_fn, loss_fn = _problem(rng)
+    tx = sophia_jax.sophia(1e-2, hessian_interval=2)
+
+    def step(p, s):
+        u, s = tx.update(jax.grad(loss_fn)(p), s, p,
+                         sophia_estimator=sophia_jax.GaussNewtonBartlett(logits_fn))
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+    for _ in range(3):
+        p, s = step(p, s)
+    assert int(s.count) == 3 and int(s.hessian_refreshes) == 2
+
+
 @pytest.mark.parametrize("kind", ["seed", "typed", "raw"])
 def test_keys_keep_their_kind(rng, kind):
     params, _, logits_fn, _ = _problem(rng)
