@@ -259,7 +259,7 @@ class _Sophia:
         count = self._increment(state.count)
         if self.refresh_after_step:  # due by the incoming count, as optax.contrib.sophia
             refresh = self._maybe_refresh(refresh, state.count, m, count, params, estimator)
-        self._check_missing(count, refresh.refreshes, estimator)
+        count = self._check_missing(count, refresh.refreshes, estimator)
         if self.target is None:  # the hyperparameter (it may be injected)
             refresh = refresh._replace(gamma=jnp.asarray(self.gamma).astype(state.gamma.dtype))
         return out, SophiaState(
@@ -297,29 +297,32 @@ class _Sophia:
 
     def _increment(self, count: jax.Array) -> jax.Array:
         if count.dtype == jnp.int32:
-            raise_if(count >= _INT32_MAX, OverflowError,
-                     "sophia_jax: the step counter reached 2**31 - 1, the largest int32; "
-                     "turn on 64-bit counters (jax.config.update('jax_enable_x64', True) or "
-                     "JAX_ENABLE_X64=1) to train longer")
+            count = raise_if(count >= _INT32_MAX, OverflowError,
+                             "sophia_jax: the step counter reached 2**31 - 1, the largest "
+                             "int32; turn on 64-bit counters (jax.config.update("
+                             "'jax_enable_x64', True) or JAX_ENABLE_X64=1) to train longer",
+                             count)
         return count + 1
 
     def _check_missing(self, count: jax.Array, refreshes: jax.Array,
-                       estimator: SophiaEstimator | None) -> None:
+                       estimator: SophiaEstimator | None) -> jax.Array:
+        """Warn once if no estimate has arrived in time; returns ``count``."""
         if not self.require_refresh:
-            return
+            return count
         if self.refresh_when == "due" and estimator is not None and estimator.where is None:
-            return  # every due step refreshes: nothing can go missing (and no cond to pay)
+            return count  # every due step refreshes: nothing can go missing
         k = self.hessian_interval
         first_due = 0 if self.refresh_at_start else k
         if count.dtype == jnp.int32 and isinstance(k, int) and first_due + k >= _INT32_MAX:
-            return  # the counter cannot get there
+            return count  # the counter cannot get there
         missing = sophia_core.missing_refresh(count, refreshes, hessian_interval=k,
                                               refresh_at_start=self.refresh_at_start)
         fix = (f"Pass {ESTIMATOR_ARG}= to tx.update: on every update with refresh_when='due' "
                "(it runs only when a refresh is due), or on the updates that should refresh "
                "with refresh_when='given'; check the estimator's where=.")
-        self.warnings.warn("missing_refresh", missing,
-                           lambda c: sophia_core.missing_refresh_message(int(c), fix), count)
+        return self.warnings.warn("missing_refresh", missing,
+                                  lambda c: sophia_core.missing_refresh_message(int(c), fix),
+                                  count, count)
 
     # -- the refresh -------------------------------------------------------------
 
@@ -367,9 +370,9 @@ class _Sophia:
             hs.append(fold.h)
             rejected = rejected + fold.rejected.astype(rejected.dtype)
         if rejected.dtype == jnp.int32:
-            raise_if(r.rejected > _INT32_MAX - rejected, OverflowError,
-                     "sophia_jax: rejected_hessian_coordinates would pass 2**31 - 1; turn on "
-                     "64-bit counters (JAX_ENABLE_X64=1)")
+            rejected = raise_if(r.rejected > _INT32_MAX - rejected, OverflowError,
+                                "sophia_jax: rejected_hessian_coordinates would pass 2**31 - 1; "
+                                "turn on 64-bit counters (JAX_ENABLE_X64=1)", rejected)
         ms = treedef.flatten_up_to(m)
         statistics = dict(clip_threshold=self.clip_threshold, b1=self.b1,
                           step=_as_exponent(jnp.maximum(completed, 1)),
@@ -383,12 +386,14 @@ class _Sophia:
             **statistics)
         streak, warn = sophia_core.sign_momentum_regime(r.streak, share, refreshes=refreshes,
                                                         xp=jnp)
+        streak = streak.astype(r.streak.dtype)
         if self.warn_sign_momentum:
-            self.warnings.warn("sign_momentum", warn,
-                               lambda s: sophia_core.sign_momentum_message(float(s)), share)
+            streak = self.warnings.warn("sign_momentum", warn,
+                                        lambda s: sophia_core.sign_momentum_message(float(s)),
+                                        streak, share)
         return _Refresh(h=treedef.unflatten(hs), key=key, refreshes=refreshes,
                         rejected=r.rejected + rejected, gamma=gamma,
-                        share=share.astype(r.share.dtype), streak=streak.astype(r.streak.dtype))
+                        share=share.astype(r.share.dtype), streak=streak)
 
     # -- the two steps -------------------------------------------------------------
 

@@ -116,6 +116,22 @@ def test_given_mode_that_never_gets_an_estimate_warns_once(rng):
         jax.effects_barrier()
 
 
+def test_host_warnings_under_vmap_fire_only_where_due(rng):
+    """vmap turns the warning's cond into a select that runs both branches:
+    the host re-checks the condition, so nothing fires early, and once only."""
+    tx = sophia_jax.sophia(1e-2, hessian_interval=3, refresh_when="given")
+    states = jax.vmap(tx.init)({"w": jnp.zeros((2, 3), jnp.float32)})
+    step = jax.jit(jax.vmap(lambda s, p: tx.update(p, s, p)[1]))
+    batch = {"w": jnp.zeros((2, 3), jnp.float32)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(6):
+            states = step(states, batch)
+            jax.effects_barrier()
+            fired = [w for w in caught if "without any Hessian estimate" in str(w.message)]
+            assert len(fired) == (0 if t < 3 else 1), (t, fired)
+
+
 def test_estimator_that_ignores_its_params_argument_raises(rng):
     params, x, logits_fn, loss_fn = _problem(rng)
     tx = sophia_jax.sophia(1e-2, hessian_interval=1)
