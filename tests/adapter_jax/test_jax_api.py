@@ -192,6 +192,25 @@ def test_estimate_is_computed_only_on_refresh_steps(rng, estimator):
     assert _executed(calls) == 4 == int(s.hessian_refreshes)
 
 
+def test_conditional_fold_in_a_hand_written_scan(rng):
+    """HessianDiagonalFn(where=...) in refresh_when='given' mode: the loop's cadence,
+    the function run only where it holds."""
+    params, _, _, loss_fn = _problem(rng)
+    fn, calls = _counted(lambda p, key: jax.tree.map(jnp.square, jax.grad(loss_fn)(p)))
+    tx = sophia_jax.sophia(1e-2, refresh_when="given")
+
+    def body(carry, i):
+        p, s = carry
+        estimator = sophia_jax.HessianDiagonalFn(fn, where=i % 4 == 3)
+        u, s = tx.update(jax.grad(loss_fn)(p), s, p, sophia_estimator=estimator)
+        return (optax.apply_updates(p, u), s), s.hessian_refreshes
+
+    (_, state), refreshes = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(12)))(
+        params, tx.init(params))
+    assert refreshes.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert _executed(calls) == 3
+
+
 # -- optax compositions ------------------------------------------------------------------
 
 
