@@ -214,6 +214,27 @@ def test_conditional_fold_in_a_hand_written_scan(rng):
 # -- optax compositions ------------------------------------------------------------------
 
 
+def test_a_neighbour_in_the_chain_keeps_its_generic_argument_names(rng):
+    """0.1 read hhat=/loss_fn=, names another transformation may take too; Sophia
+    now reads only sophia_estimator=."""
+    params, _, logits_fn, loss_fn = _problem(rng)
+    seen = []
+
+    def neighbour_update(updates, state, params=None, *, loss_fn=None, **extra):
+        seen.append(loss_fn is not None)
+        return updates, state
+
+    neighbour = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+                                                      neighbour_update)
+    tx = optax.chain(neighbour, sophia_jax.sophia(1e-2, hessian_interval=1))
+    _, state = tx.update(params, tx.init(params), params, loss_fn=loss_fn,
+                         hhat=jax.tree.map(jnp.ones_like, params),
+                         sophia_estimator=sophia_jax.GaussNewtonBartlett(logits_fn))
+    sophia = sophia_jax.sophia_state(state)
+    assert seen == [True] and int(sophia.hessian_refreshes) == 1
+    assert not np.allclose(sophia.h["w"], 0.01)  # the GNB estimate, not the stray hhat=
+
+
 def test_masked_refresh_needs_the_whole_parameters_and_matches_unmasked(rng):
     params, _, logits_fn, loss_fn = _problem(rng)
     mask = {"w": True, "b": False}
