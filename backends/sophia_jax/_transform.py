@@ -651,13 +651,14 @@ def sophia(
     Example:
       >>> import jax.numpy as jnp, optax, sophia_jax
       >>> params = {"w": jnp.ones(3, jnp.float32)}
-      >>> tx = sophia_jax.sophia(1e-2, weight_decay=0.0, hessian_interval=1)
+      >>> tx = sophia_jax.sophia(0.5, b1=0.0, b2=0.0, weight_decay=0.0, hessian_interval=1)
       >>> state = tx.init(params)
       >>> grads = {"w": jnp.array([1.0, -1.0, 0.0], jnp.float32)}
-      >>> hessian = sophia_jax.HessianDiagonalFn(lambda p, key: {"w": jnp.full(3, 1e6)})
+      >>> # hhat = 50: u = g / (0.04 * 50) = g / 2, a step of lr * g / 2
+      >>> hessian = sophia_jax.HessianDiagonalFn(lambda p, key: {"w": jnp.full(3, 50.0)})
       >>> updates, state = tx.update(grads, state, params, sophia_estimator=hessian)
-      >>> int(state.hessian_refreshes), optax.apply_updates(params, updates)["w"].tolist()
-      (1, [0.9998750686645508, 1.0001249313354492, 1.0])
+      >>> int(state.hessian_refreshes), updates["w"].tolist()
+      (1, [-0.25, 0.25, 0.0])
     """
     exact = exact_sophia(
         learning_rate, b1=b1, b2=b2, gamma=gamma, weight_decay=weight_decay, eps=eps,

@@ -49,3 +49,14 @@ def test_flax_nnx_example_refreshes_and_learns():
     assert int(state.count) == 12 and int(state.hessian_refreshes) == 3
     assert all(bool(jnp.any(h != 0)) for h in jax.tree.leaves(state.h))
     assert result["loss"] < 0.6
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import sophia_jax
+    from sophia_jax import _transform
+
+    for module in (sophia_jax, _transform):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)
