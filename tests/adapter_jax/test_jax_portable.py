@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,13 @@ import pytest
 from jax_helpers import given
 
 import sophia_jax
+from sophia_core import portable
+
+# Named tensors and counters are portable format v2 (CORE_V2 section 8), on
+# its own branch until the lead merges it; then this marker can go.
+pytestmark = pytest.mark.skipif(
+    "names" not in inspect.signature(portable.save_state).parameters,
+    reason="sophia_core.portable v2 (names=, counters=, expect=) is not merged yet")
 
 HYPER = dict(hessian_interval=2, target_unclipped_share=0.3)
 
@@ -31,8 +40,6 @@ def test_round_trip_inside_a_chain_by_name(rng, tmp_path):
     params, state = _trained(rng, tx, params)
     path = tmp_path / "state.npz"
     sophia_jax.export_state(path, state, hyperparameters=HYPER)
-
-    from sophia_core import portable
 
     loaded = portable.load_state(path)
     assert loaded.step == 3 and loaded.hyperparameters["hessian_interval"] == 2
@@ -66,8 +73,6 @@ def test_masked_state_exports_its_own_leaves(rng, tmp_path):
     tx = optax.masked(sophia_jax.sophia(1e-2, require_refresh=False), {"w": True, "b": False})
     state = tx.init(params)
     sophia_jax.export_state(tmp_path / "m.npz", state)
-
-    from sophia_core import portable
 
     assert portable.load_state(tmp_path / "m.npz").names == ["w"]
     sophia_jax.import_state(tmp_path / "m.npz", state)
