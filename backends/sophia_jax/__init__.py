@@ -7,15 +7,23 @@ optax state and the ``jax.jit``/sharding glue. See ``docs/frameworks/jax.md``.
 >>> import jax.numpy as jnp, optax, sophia_jax
 >>> tx = optax.chain(optax.clip_by_global_norm(1.0), sophia_jax.sophia(3e-4))
 >>> state = tx.init({"w": jnp.zeros(2)})
->>> int(sophia_jax.sophia_state(state).count)
+>>> int(sophia_jax.sophia_state(state).hessian_refreshes)
 0
 """
 
-from ._estimators import ESTIMATOR_ARGS, estimate_hessian
+from ._estimators import (
+    ESTIMATOR_ARG,
+    GaussNewtonBartlett,
+    HessianDiagonalFn,
+    Hutchinson,
+    SophiaEstimator,
+    estimate_hessian,
+)
 from ._portable import export_state, import_state
 from ._transform import (
+    ExactSophia,
     SophiaState,
-    SophiaTransformation,
+    exact_sophia,
     optax_contrib_sophia,
     scale_by_sophia,
     sophia,
@@ -23,10 +31,15 @@ from ._transform import (
 )
 
 __all__ = [
-    "ESTIMATOR_ARGS",
+    "ESTIMATOR_ARG",
+    "ExactSophia",
+    "GaussNewtonBartlett",
+    "HessianDiagonalFn",
+    "Hutchinson",
+    "SophiaEstimator",
     "SophiaState",
-    "SophiaTransformation",
     "estimate_hessian",
+    "exact_sophia",
     "export_state",
     "import_state",
     "optax_contrib_sophia",

@@ -1,7 +1,8 @@
-"""Speed of the jitted Sophia update against optax, on GPT-2-small parameter shapes.
+"""Speed of the jitted Sophia update against optax, and what the refresh costs.
 
     python docs/benchmarks/bench_jax.py            # 124M parameters, 148 tensors
     python docs/benchmarks/bench_jax.py --quick    # a 12x smaller model, for a smoke run
+    python docs/benchmarks/bench_jax.py --demo     # also the demo model's refresh share
 
 Part 1 times one jitted, donated ``update + apply_updates`` (no refresh) for
 ``optax.adamw``, ``sophia_jax.sophia`` (also its exact ``tx.apply``) and
@@ -11,9 +12,14 @@ ratios against ``optax.adamw`` measured in the same process.
 Part 2 is the refresh's cost. On the GPT-2 shapes: a step that folds a given
 ``hhat`` into ``h`` against a step that does not (the optimizer's share).
 On a small next-token MLP (where the forward/backward can be timed too): a
-full training step with a Sophia-G refresh (``logits_fn``: one extra
-forward and backward) against one without; at ``k = 10`` a refresh happens
-on one step in ten, so its amortized cost is a tenth of the difference.
+full training step with a Sophia-G refresh (one extra forward and backward,
+on the whole batch or on its first quarter, ``batch_fraction``) against one
+without; at ``k = 10`` a refresh happens on one step in ten, so its share
+of training time is ``extra / (k + extra)`` in units of a plain step.
+
+Part 3 (``--demo``) is the same share on the language-model demo's model
+(``docs/examples/lm_demo``, its default size), measured by
+``lm_bench.py overhead``: the demo's own jitted step, refresh inside.
 """
 
 from __future__ import annotations
@@ -103,7 +109,8 @@ def bench_updates(shapes, repeats):
     print(f"{len(shapes)} tensors, {n:,} parameters (float32)")
 
     adamw = optax.adamw(3e-4, weight_decay=0.1)
-    ours = sophia_jax.sophia(3e-4)  # no estimator input: never refreshes
+    ours = sophia_jax.sophia(3e-4, require_refresh=False)  # never refreshes
+    exact = sophia_jax.exact_sophia(3e-4, require_refresh=False)
     contrib = optax.contrib.sophia(3e-4, hessian_diagonal_fn=no_refresh_hessian(),
                                    update_interval=10**9)
     contrib_state = contrib.init(params)
@@ -114,8 +121,8 @@ def bench_updates(shapes, repeats):
         "optax.adamw": Loop(_optax_step(adamw), params, adamw.init(params), grads),
         "sophia_jax.sophia (update + apply_updates)": Loop(
             _optax_step(ours), params, ours_state, grads),
-        "sophia_jax.sophia (tx.apply, exact)": Loop(
-            lambda p, s, g: ours.apply(g, s, p), params, ours_state, grads),
+        "sophia_jax.exact_sophia (exact params)": Loop(
+            lambda p, s, g: exact.apply(g, s, p), params, ours_state, grads),
         "optax.contrib.sophia": Loop(_optax_step(contrib), params, contrib_state, grads),
     }
     table("Jitted update + apply, donated, no refresh", interleaved(cases, repeats),
@@ -123,11 +130,17 @@ def bench_updates(shapes, repeats):
 
     # The refresh's optimizer-side cost: folding a given hhat into h on every
     # step (k = 1) against never; at k = 10 one step in ten pays it.
-    every = sophia_jax.sophia(3e-4, hessian_interval=1)
+    every = sophia_jax.sophia(3e-4, hessian_interval=1, require_refresh=False)
+
+    def folding(p, s, g, h):
+        updates, s = every.update(g, s, p, sophia_estimator=sophia_jax.HessianDiagonalFn(
+            lambda params, key: h))
+        return optax.apply_updates(p, updates), s
+
     medians = interleaved({
         "sophia step, no refresh": Loop(_optax_step(every), params, ours_state, grads),
-        "sophia step + EMA fold of a given hhat": Loop(
-            _optax_step(every, hhat=None), params, ours_state, grads, hhat),
+        "sophia step + EMA fold of a given hhat": Loop(folding, params, ours_state, grads,
+                                                       hhat),
     }, repeats)
     table("EMA fold of a given hhat", medians, "sophia step, no refresh")
     extra = medians["sophia step + EMA fold of a given hhat"] / medians[
@@ -146,48 +159,83 @@ def bench_gnb_refresh(repeats, vocab=8192, width=256, batch=2048):
     tokens = jax.random.randint(jax.random.fold_in(key, 4), (batch + 1,), 0, vocab)
     inputs, targets = tokens[:-1], tokens[1:]
 
-    def logits(p):
-        x = p["embed"][inputs]
+    def logits(p, rows=inputs):
+        x = p["embed"][rows]
         return (x + jax.nn.gelu(x @ p["w1"]) @ p["w2"]) @ p["out"]
 
     def loss(p):
         return optax.softmax_cross_entropy_with_integer_labels(logits(p), targets).mean()
 
-    tx = sophia_jax.sophia(3e-4, hessian_interval=1)  # refresh on every step it is asked
+    # Refresh on every step it is asked (the estimator is given only in "given" mode).
+    tx = sophia_jax.sophia(3e-4, refresh_when="given", require_refresh=False)
 
     def plain(p, s):
         updates, s = tx.update(jax.grad(loss)(p), s, p)
         return optax.apply_updates(p, updates), s
 
-    def refreshing(p, s):
-        updates, s = tx.update(jax.grad(loss)(p), s, p, logits_fn=logits)
-        return optax.apply_updates(p, updates), s
+    def refreshing(fraction):
+        estimator = sophia_jax.GaussNewtonBartlett(logits, inputs=inputs,
+                                                   batch_fraction=fraction)
+
+        def step(p, s):
+            updates, s = tx.update(jax.grad(loss)(p), s, p, sophia_estimator=estimator)
+            return optax.apply_updates(p, updates), s
+
+        return step
 
     state = tx.init(params)
-    medians = interleaved({
-        "train step (grad + update), no refresh": Loop(plain, params, state),
-        "train step with Sophia-G refresh": Loop(refreshing, params, state),
-    }, repeats)
+    names = {1.0: "train step with Sophia-G refresh, whole batch",
+             0.25: "train step with Sophia-G refresh, 1/4 batch"}
+    base = "train step (grad + update), no refresh"
+    medians = interleaved({base: Loop(plain, params, state),
+                           **{name: Loop(refreshing(f), params, state)
+                              for f, name in names.items()}}, repeats)
     n = sum(x.size for x in jax.tree.leaves(params))
     table(f"Sophia-G refresh, next-token MLP ({n:,} parameters, {batch} tokens, V={vocab})",
-          medians, "train step (grad + update), no refresh")
-    extra = medians["train step with Sophia-G refresh"] / medians[
-        "train step (grad + update), no refresh"] - 1
-    print(f"Sophia-G refresh: {extra:+.1%} of a training step when due, "
-          f"{extra / 10:+.1%} amortized at k = 10")
+          medians, base)
+    for fraction, name in names.items():
+        extra = medians[name] / medians[base] - 1
+        print(f"Sophia-G refresh on {fraction:g} of the batch: {extra:+.1%} of a training step "
+              f"when due; refresh share at k = 10: {extra / (10 + extra):.1%}")
+
+
+def bench_demo(repeats):
+    """The refresh share on the demo model, as ``lm_bench.py overhead`` measures it."""
+    import argparse as _argparse
+
+    import lm_bench  # docs/benchmarks/, beside this script
+
+    result = lm_bench.overhead(_argparse.Namespace(
+        framework="jax", size="default", steps=None, eval_interval=None, repeats=repeats))
+    step = result["step_s"]
+    print(f"\nSophia-G refresh on the demo model (lm_demo, default size, "
+          f"{result['tokens_per_step']} tokens per step, k = {result['k']}, "
+          f"GNB on {result['hessian_fraction']:g} of the batch, {result['refreshes']} refreshes)")
+    print(f"step: Sophia-G {step['sophia-g'] * 1e3:.0f} ms, AdamW {step['adamw'] * 1e3:.0f} ms; "
+          f"refresh step {result['refresh_step_s'] * 1e3:.0f} ms")
+    print(f"refresh share of Sophia-G's training time at k = {result['k']}: "
+          f"{result['refresh_share']:.1%}; Sophia-G / AdamW time: "
+          f"{result['sophia_vs_adamw']:.2f}x")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="GPT-2 shapes with width 192")
+    parser.add_argument("--demo", action="store_true",
+                        help="also the refresh share on the demo model (lm_bench overhead)")
+    parser.add_argument("--skip-updates", action="store_true",
+                        help="leave out the GPT-2-shape update timings")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
           f"{platform.processor() or platform.machine()}, x64={jax.config.jax_enable_x64}")
     shapes = gpt2_small_shapes(width=192, vocab=12800) if args.quick else gpt2_small_shapes()
-    bench_updates(shapes, args.repeats)
+    if not args.skip_updates:
+        bench_updates(shapes, args.repeats)
     bench_gnb_refresh(args.repeats, **({"vocab": 1024, "width": 64, "batch": 256}
                                          if args.quick else {}))
+    if args.demo:
+        bench_demo(args.repeats)
 
 
 if __name__ == "__main__":

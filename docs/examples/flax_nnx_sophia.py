@@ -3,9 +3,11 @@
     python docs/examples/flax_nnx_sophia.py --steps 100
 
 A small MLP classifier on synthetic two-moons-like data. ``nnx.Optimizer``
-forwards keyword arguments of ``update`` to ``tx.update``; the estimator
-functions take the optimizer's parameter state and rebuild the model with
-``nnx.merge``.
+forwards keyword arguments of ``update`` to ``tx.update``, so the estimator
+goes in as ``sophia_estimator=``. Its function must compute from the
+parameters it is given: rebuild the model from them with ``nnx.merge``
+(``lambda p: model(x)`` closes over the model, its derivative is 0, and
+sophia_jax rejects it at trace time).
 """
 
 from __future__ import annotations
@@ -56,14 +58,16 @@ def main(argv=None):
     def train_step(model, optimizer):
         loss, grads = nnx.value_and_grad(loss_fn)(model)
 
-        # The estimators see the optimizer's view of the parameters.
+        # The estimators get the optimizer's view of the parameters: rebuild
+        # the model from it (not from the closed-over `model`).
         def as_model(params):
             return nnx.merge(graphdef, params, rest)
 
         if args.estimator == "gnb":
-            optimizer.update(model, grads, logits_fn=lambda p: as_model(p)(x))
+            estimator = sophia_jax.GaussNewtonBartlett(lambda p: as_model(p)(x))
         else:
-            optimizer.update(model, grads, loss_fn=lambda p: loss_fn(as_model(p)))
+            estimator = sophia_jax.Hutchinson(lambda p: loss_fn(as_model(p)))
+        optimizer.update(model, grads, sophia_estimator=estimator)
         return loss
 
     for step in range(args.steps):
@@ -73,7 +77,7 @@ def main(argv=None):
     accuracy = float(jnp.mean(jnp.argmax(model(x), axis=-1) == y))
     state = sophia_jax.sophia_state(nnx.as_pure(optimizer.opt_state))
     print(f"final loss {float(loss_fn(model)):.4f}, accuracy {accuracy:.3f}, "
-          f"steps {int(state.count)}")
+          f"steps {int(state.count)}, Hessian refreshes {int(state.hessian_refreshes)}")
     return {"loss": float(loss_fn(model)), "accuracy": accuracy, "state": state}
 
 

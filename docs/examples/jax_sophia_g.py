@@ -77,10 +77,11 @@ def main(argv=None):
         windows = jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (args.context,)))(starts)
         targets = data[starts + args.context]
         value, grads = jax.value_and_grad(loss)(params, windows, targets)
-        # Sophia-G: every 10th step the refresh samples labels from the
-        # model's own logits (N = batch positions) and folds N*ghat^2 into h.
-        updates, state = tx.update(grads, state, params,
-                                   logits_fn=lambda p: logits(p, windows))
+        # Sophia-G, given on every step and evaluated only when a refresh is
+        # due (every 10th step): labels sampled from the model's own logits on
+        # the first quarter of the batch (batch_fraction), N*ghat^2 folded into h.
+        estimator = sophia_jax.GaussNewtonBartlett(logits, inputs=windows)
+        updates, state = tx.update(grads, state, params, sophia_estimator=estimator)
         return optax.apply_updates(params, updates), state, value
 
     first = None
@@ -89,7 +90,9 @@ def main(argv=None):
         first = float(value) if first is None else first
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {float(value):.4f}")
-    print(f"loss {first:.4f} -> {float(value):.4f} (log vocab = {math.log(args.vocab):.4f})")
+    refreshes = int(sophia_jax.sophia_state(state).hessian_refreshes)
+    print(f"loss {first:.4f} -> {float(value):.4f} (log vocab = {math.log(args.vocab):.4f}), "
+          f"{refreshes} Hessian refreshes")
     return first, float(value)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import sophia_core
+import sophia_jax
 
 HYPER = dict(lr=1e-2, b1=0.965, b2=0.99, gamma=0.04, weight_decay=0.1, eps=1e-12,
              clip_threshold=1.0, hessian_interval=3, refresh_at_start=True,
@@ -46,3 +47,8 @@ def numpy_trajectory(params, steps, **hyper):
         trajectory.append((dict(params), {k: s.m for k, s in states.items()},
                            {k: s.h for k, s in states.items()}))
     return trajectory
+
+
+def given(hhat):
+    """An estimator that hands over a ready estimate (evaluated only when refreshing)."""
+    return sophia_jax.HessianDiagonalFn(lambda params, key: hhat)

@@ -17,6 +17,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,8 +66,9 @@ def jit_is_bitwise_with_numpy():
             hyper = {**jax_helpers.HYPER, "bias_correction": bias_correction,
                      "hessian_interval": 2}
             expected = jax_helpers.numpy_trajectory(params, steps, **hyper)
-            tx = sophia_jax.sophia(hyper.pop("lr"), **hyper)
-            step = jax.jit(lambda p, s, g, h, tx=tx: tx.apply(g, s, p, hhat=h))
+            tx = sophia_jax.exact_sophia(hyper.pop("lr"), **hyper)
+            step = jax.jit(lambda p, s, g, h, tx=tx: tx.apply(
+                g, s, p, sophia_estimator=jax_helpers.given(h)))
             theta, state = jax.tree.map(jnp.asarray, params), tx.init(params)
             for (grads, hhats), (p_ref, m_ref, h_ref) in zip(steps, expected, strict=True):
                 theta, state = step(theta, state, grads, hhats)
@@ -129,10 +131,11 @@ def sharded_equals_unsharded_and_state_follows_params():
     params, _, logits_fn = _model(rng, dtype)
     grads_stream = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), dtype), params)
                     for _ in range(3)]
-    tx = sophia_jax.sophia(1e-2, hessian_interval=2)
+    tx = sophia_jax.exact_sophia(1e-2, hessian_interval=2)
+    estimator = sophia_jax.GaussNewtonBartlett(logits_fn)
 
     def run(params, init):
-        step = jax.jit(lambda p, s, g: tx.apply(g, s, p, logits_fn=logits_fn))
+        step = jax.jit(lambda p, s, g: tx.apply(g, s, p, sophia_estimator=estimator))
         state = init(params)
         for grads in grads_stream:
             params, state = step(params, state, grads)
@@ -167,8 +170,8 @@ def sharded_hhat_stream_is_bitwise():
     stream = [(jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params),
                jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params))
               for _ in range(4)]
-    tx = sophia_jax.sophia(1e-2, hessian_interval=2)
-    step = jax.jit(lambda p, s, g, h: tx.apply(g, s, p, hhat=h))
+    tx = sophia_jax.exact_sophia(1e-2, hessian_interval=2)
+    step = jax.jit(lambda p, s, g, h: tx.apply(g, s, p, sophia_estimator=jax_helpers.given(h)))
 
     def run(params):
         state = jax.jit(tx.init)(params)
@@ -200,18 +203,19 @@ def data_parallel_gnb_averages_ghat_before_squaring():
     mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 
     def local_refresh(params, x_local, mask_local):
-        _, state = dp_tx.update(zeros, dp_tx.init(params), params,
-                                logits_fn=lambda p: logits_fn(p, x_local), label_mask=mask_local)
+        estimator = sophia_jax.GaussNewtonBartlett(lambda p: logits_fn(p, x_local),
+                                                   label_mask=mask_local)
+        _, state = dp_tx.update(zeros, dp_tx.init(params), params, sophia_estimator=estimator)
         return state.h
 
     dp = jax.jit(jax.shard_map(local_refresh, mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                               out_specs=P(), check_vma=False))
+                               out_specs=P(), check_vma=True))
     batch = NamedSharding(mesh, P("data"))
     h_dp = dp(params, jax.device_put(x, batch), jax.device_put(mask, batch))
     # Device i draws its labels with fold_in(key, i) from its own logits;
     # redo those draws by hand, then differentiate the *global* sampled loss
     # over all devices' labels once: N * ghat^2 of that is the target.
-    _, subkey = jax.random.split(jax.random.PRNGKey(0))
+    _, subkey = jax.random.split(jax.random.key(0))
 
     @jax.jit
     def target(params):
@@ -234,9 +238,90 @@ def data_parallel_gnb_averages_ghat_before_squaring():
     assert int(counts[1]) == 0 and n > 0  # unequal counts: a plain pmean would be wrong
 
 
+@check
+def shard_map_training_step_with_check_vma():
+    """A whole data-parallel step (grads pmean'd, Sophia-G and Sophia-H refreshes)
+    inside shard_map with check_vma=True: the state stays replicated."""
+    rng = np.random.default_rng(7)
+    params, x, logits_fn = _model(rng, np.float32)
+    y = jnp.asarray(rng.integers(0, 12, size=16))
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    for make in (sophia_jax.GaussNewtonBartlett, sophia_jax.Hutchinson):
+        tx = sophia_jax.sophia(1e-2, hessian_interval=2, axis_name="data")
+
+        def local_step(params, state, x_local, y_local, make=make, tx=tx):
+            def local_logits(p):
+                return logits_fn(p, x_local)
+
+            def local_loss(p):
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    local_logits(p), y_local).mean()
+
+            grads = jax.lax.pmean(jax.grad(local_loss)(params), "data")
+            estimator = make(local_logits if make is sophia_jax.GaussNewtonBartlett
+                             else local_loss)
+            updates, state = tx.update(grads, state, params, sophia_estimator=estimator)
+            return optax.apply_updates(params, updates), state
+
+        step = jax.jit(jax.shard_map(local_step, mesh=mesh,
+                                     in_specs=(P(), P(), P("data"), P("data")),
+                                     out_specs=(P(), P()), check_vma=True))
+        state = tx.init(params)
+        theta = params
+        with jax.set_mesh(mesh):
+            batch = NamedSharding(mesh, P("data"))
+            xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+            for _ in range(3):
+                theta, state = step(theta, state, xs, ys)
+        assert int(state.hessian_refreshes) == 2, make
+        assert all(bool(jnp.all(jnp.isfinite(h))) and bool(jnp.any(h != 0))
+                   for h in jax.tree.leaves(state.h)), make
+        if make is sophia_jax.Hutchinson:
+            # Equal shards: the mean of the local HVPs is the global loss's HVP,
+            # and every device draws the unsharded run's probes (same key).
+            plain = sophia_jax.sophia(1e-2, hessian_interval=2)
+
+            def global_loss(p):
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits_fn(p, x), y).mean()
+
+            @jax.jit
+            def plain_step(p, s, plain=plain):
+                updates, s = plain.update(jax.grad(global_loss)(p), s, p,
+                                          sophia_estimator=sophia_jax.Hutchinson(global_loss))
+                return optax.apply_updates(p, updates), s
+
+            # After the first refresh (at the shared initial parameters; later
+            # ones are taken at parameters that differ by rounding).
+            _, plain_state = plain_step(params, plain.init(params))
+            with jax.set_mesh(mesh):
+                _, state = step(params, tx.init(params), xs, ys)
+            for k in params:
+                np.testing.assert_allclose(state.h[k], plain_state.h[k], rtol=1e-5, atol=1e-9)
+
+
+def int32_counter_limit():
+    """Without x64 the count is int32: the update raises before it would wrap."""
+    assert not jax.config.jax_enable_x64
+    params = {"w": jnp.zeros(2, jnp.float32)}
+    tx = sophia_jax.sophia(1e-2, hessian_interval=2**31 - 1, require_refresh=False)
+    step = jax.jit(lambda p, s: tx.update(p, s, p))
+    state = tx.init(params)
+    assert state.count.dtype == jnp.int32
+    _, state = step(params, state._replace(count=jnp.asarray(2**31 - 2, jnp.int32)))
+    assert int(state.count) == 2**31 - 1
+    try:
+        jax.block_until_ready(step(params, state))
+    except Exception as exc:  # noqa: BLE001 - a JaxRuntimeError wrapping ours
+        assert "OverflowError" in str(exc) and "jax_enable_x64" in str(exc), str(exc)[-400:]
+    else:
+        raise AssertionError("no error at the int32 limit")
+
+
 def main():
     results = {}
-    for name, fn in CHECKS.items():
+    checks = {"int32_counter_limit": int32_counter_limit} if "--int32" in sys.argv else CHECKS
+    for name, fn in checks.items():
         start = time.perf_counter()
         try:
             fn()

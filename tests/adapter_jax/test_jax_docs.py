@@ -30,10 +30,33 @@ def test_plain_jax_example_learns():
     assert np.isfinite(last) and last < first
 
 
+def test_masked_example_refreshes_the_matrices_and_learns():
+    example = runpy.run_path(str(ROOT / "docs" / "examples" / "jax_masked_sophia.py"))
+    result = example["main"](["--steps", "40", "--width", "16"])
+    state = result["state"]
+    assert int(state.hessian_refreshes) == 4
+    assert {type(h).__name__ for h in jax.tree.leaves(
+        state.h, is_leaf=lambda x: type(x).__name__ == "MaskedNode")} == {
+        "MaskedNode", "ArrayImpl"}
+    assert all(bool(jnp.all(h > 0)) for h in jax.tree.leaves(state.h))
+    assert result["last"] < result["first"] / 2
+
+
 def test_flax_nnx_example_refreshes_and_learns():
     example = runpy.run_path(str(ROOT / "docs" / "examples" / "flax_nnx_sophia.py"))
     result = example["main"](["--steps", "12", "--width", "8"])
     state = result["state"]
-    assert int(state.count) == 12
+    assert int(state.count) == 12 and int(state.hessian_refreshes) == 3
     assert all(bool(jnp.any(h != 0)) for h in jax.tree.leaves(state.h))
     assert result["loss"] < 0.6
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import sophia_jax
+    from sophia_jax import _transform
+
+    for module in (sophia_jax, _transform):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)

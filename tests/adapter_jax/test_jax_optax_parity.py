@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
+from jax_helpers import given
 
 import sophia_jax
 
@@ -34,10 +35,14 @@ def injected_hessian():
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
-def _run(tx, params, steps, **extra):
+def _run(tx, params, steps, ours=False, **extra):
     @jax.jit
     def step(params, state, grads, hhat):
-        updates, state = tx.update(grads, state, params, **({"hhat": hhat} | extra))
+        if ours and "sophia_estimator" not in extra:
+            extra_args = {"sophia_estimator": given(hhat)}
+        else:
+            extra_args = ({} if ours else {"hhat": hhat}) | extra
+        updates, state = tx.update(grads, state, params, **extra_args)
         return optax.apply_updates(params, updates), state
 
     state = tx.init(params)
@@ -71,7 +76,7 @@ def test_injected_hessian_stream(rng, dtype, hhat_scale):
         optax.contrib.sophia(1e-2, weight_decay_mask=mask, hessian_diagonal_fn=injected_hessian(),
                              **KW), params, steps)
     ours, our_state = _run(sophia_jax.optax_contrib_sophia(1e-2, weight_decay_mask=mask, **KW),
-                           params, steps)
+                           params, steps, ours=True)
     for a, b in zip(theirs, ours, strict=True):
         for k in SHAPES:
             np.testing.assert_allclose(b[k], a[k], **_tolerance(dtype))
@@ -94,6 +99,6 @@ def test_hutchinson_with_the_same_key(rng):
         1e-2, hessian_diagonal_fn=optax.contrib.hutchinson_estimator_diag_hessian(key), **KW),
         params, steps, obj_fn=loss_fn)
     ours, _ = _run(sophia_jax.optax_contrib_sophia(1e-2, key=key, **KW), params, steps,
-                   loss_fn=loss_fn)
+                   ours=True, sophia_estimator=sophia_jax.Hutchinson(loss_fn))
     for x, y in zip(theirs, ours, strict=True):
         np.testing.assert_allclose(y["w"], x["w"], **_tolerance(dtype))

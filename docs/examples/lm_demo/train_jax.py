@@ -1,7 +1,8 @@
 """The demo in JAX: ``optax.adamw`` against ``sophia_jax.sophia`` (Sophia-G).
 
-The model is a pure function of a dict of arrays; the step, the Hessian
-refresh and the evaluation are each one ``jax.jit``-compiled function.
+The model is a pure function of a dict of arrays; the training step (with
+the Hessian refresh inside, when due) and the evaluation are each one
+``jax.jit``-compiled function.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import sophia_core
-
-from .common import Config, RunResult, StepResult, init_params, lr_table, refresh_rows, run_loop
+from .common import Config, RunResult, StepResult, init_params, lr_table, run_loop
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -60,72 +59,66 @@ class Trainer:
             self.tx = sophia_jax.sophia(
                 schedule, b1=config.sophia_b1, b2=config.sophia_b2, gamma=config.sophia_gamma,
                 weight_decay=config.sophia_weight_decay, hessian_interval=config.hessian_interval,
+                key=config.seed,
             )
         else:
             b1, b2 = config.adamw_betas
             self.tx = optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8,
                                   weight_decay=config.adamw_weight_decay)
         self.state = self.tx.init(self.params)
-        self.key = jax.random.key(config.seed)
-        self.completed = 0
 
         def loss_fn(params, x, y):
             return mean_cross_entropy(forward(params, x, config), y)
 
-        def step(params, state, x, y, hhat):
+        def step(params, state, x, y):
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            extra = {} if hhat is None else {"hhat": hhat}
+            extra = {}
+            if self.sophia:
+                import sophia_jax
+
+                # Sophia-G, evaluated inside the optimizer's refresh branch only
+                # (one step in k): labels sampled from the model on the first
+                # hessian_fraction of this batch's sequences.
+                extra["sophia_estimator"] = sophia_jax.GaussNewtonBartlett(
+                    lambda p, xb: forward(p, xb, config), inputs=x,
+                    batch_fraction=config.hessian_fraction)
             updates, state = self.tx.update(grads, state, params, **extra)
             return optax.apply_updates(params, updates), state, loss
 
-        def gnb(params, x, key):
-            """Sophia-G's hhat = N * ghat**2 at labels sampled from the model."""
-            import sophia_jax
-
-            return sophia_jax.estimate_hessian(
-                params, key, {"logits_fn": lambda p: forward(p, x, config)},
-                probe="gaussian", n_probes=1)
-
-        self._step = jax.jit(step)
-        self._gnb = jax.jit(gnb)
+        # One compiled step; parameters and state are donated (updated in place).
+        self._step = jax.jit(step, donate_argnums=(0, 1))
         self._loss = jax.jit(loss_fn)
 
+    def _refreshes(self) -> int:
+        import sophia_jax
+
+        return int(sophia_jax.sophia_state(self.state).hessian_refreshes)
+
     def warmup(self, x: np.ndarray, y: np.ndarray, chunks: list) -> None:
-        """Compile every function once; the results are discarded (pure functions)."""
-        jax.block_until_ready(self._step(self.params, self.state, x, y, None))
-        if self.sophia:
-            _, key = jax.random.split(self.key)
-            hhat = self._gnb(self.params, x[: refresh_rows(len(x), self.config)], key)
-            jax.block_until_ready(self._step(self.params, self.state, x, y, hhat))
+        """Compile every function once, on copies (the step donates its inputs)."""
+        copies = jax.tree.map(jnp.copy, (self.params, self.state))
+        jax.block_until_ready(self._step(*copies, x, y))
         for cx, cy in chunks[:1] + chunks[-1:]:
             jax.block_until_ready(self._loss(self.params, cx, cy))
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         # lr comes from the schedule inside the optimizer (same table).
-        refreshed = self.sophia and bool(sophia_core.refresh_due(
-            self.completed, hessian_interval=self.config.hessian_interval))
-        hhat = None  # None: no refresh (a separate compilation)
-        if refreshed:
-            self.key, key = jax.random.split(self.key)
-            hhat = self._gnb(self.params, x[: refresh_rows(len(x), self.config)], key)
-        self.params, self.state, loss = self._step(self.params, self.state, x, y, hhat)
-        self.completed += 1
-        return StepResult(float(loss), refreshed)
+        before = self._refreshes() if self.sophia else 0
+        self.params, self.state, loss = self._step(self.params, self.state, x, y)
+        loss = float(loss)
+        return StepResult(loss, self.sophia and self._refreshes() > before)
 
     def evaluate(self, chunks: list) -> float:
         total = sum(float(self._loss(self.params, x, y)) * y.size for x, y in chunks)
         return total / sum(y.size for _, y in chunks)
 
     def unclipped_share(self) -> float | None:
+        """The share the optimizer measured at its last refresh."""
         if not self.sophia:
             return None
         import sophia_jax
 
-        s = sophia_jax.sophia_state(self.state)
-        c = self.config
-        return float(sophia_core.unclipped_share(
-            jax.tree.leaves(s.m), jax.tree.leaves(s.h), gamma=c.sophia_gamma, eps=1e-12,
-            clip_threshold=1.0, xp=jnp))
+        return float(sophia_jax.sophia_state(self.state).unclipped_share)
 
 
 def train(config: Config, batches, optimizer: str, lr: float, *, progress: bool = True,
