@@ -1,133 +1,274 @@
-"""Sophia's Hessian refresh inside ``model.fit`` (TensorFlow backend).
+"""Sophia's Hessian refresh inside ``model.fit``, on TensorFlow, JAX and torch.
 
-``SophiaTrainStep`` is a mixin for ``keras.Model``: before each training
-step it asks the optimizer whether a refresh is due (SPEC section 2: after
-``t`` completed steps when ``t % k == 0``) and, if so, estimates the Hessian
-on the current batch and folds it into ``h``; then it takes Keras's own step.
-The noise is stateless, seeded by ``(sophia_seed, optimizer.iterations)``,
-so a run resumed from a checkpoint draws the same labels or probes.
+``SophiaTrainStep`` is a mixin for ``keras.Model``; ``sophia_tf.Sequential``
+and ``sophia_tf.Model`` are ``keras.Sequential`` and ``keras.Model`` with it.
+Before each training step it asks the optimizer whether a refresh is due
+(SPEC section 2) and, if so, estimates the Hessian on the first
+``hessian_batch_fraction`` of the batch's rows and folds it into ``h``; then
+Keras takes its own step. The estimate's forward pass runs in a
+``keras.StatelessScope``: it changes no layer state (BatchNorm statistics,
+dropout seeds, metrics). Its noise is seeded by ``(model.sophia_seed,
+optimizer.iterations)``, so a resumed run draws the same labels or probes;
+``sophia_seed`` and ``sophia_ignore_index`` are saved with the model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 import sophia_core
 
-from ._distribute import replica_sum
-from ._estimators import gnb_global, gnb_local, hutchinson_hessian
-from ._namespace import tf_namespace as xp
+from . import _distribute
+from ._estimators import gnb_local, hutchinson_hessian
+from ._namespace import keras_namespace as xp
 from ._optimizer import Sophia
 
-__all__ = ["SophiaTrainStep", "refresh_hessian"]
+__all__ = ["Model", "Sequential", "SophiaTrainStep", "refresh_hessian"]
+
+_CROSS_ENTROPIES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
+
+
+def _sophia(optimizer: Any) -> Sophia | None:
+    """The Sophia optimizer, also inside a ``LossScaleOptimizer``; else None."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    return optimizer if isinstance(optimizer, Sophia) else None
+
+
+def _single(structure: Any, what: str) -> Any:
+    leaves = keras.tree.flatten(structure)
+    if len(leaves) != 1:
+        raise ValueError(f"Sophia-G's refresh in fit needs a model with one {what}, "
+                         f"got {len(leaves)}; refresh it in a custom loop instead")
+    return leaves[0]
+
+
+def _loss_settings(model: Any) -> tuple[bool, int | None]:
+    """``(from_logits, ignore_class)`` of the compiled loss, for Sophia-G.
+
+    Categorical cross-entropies say whether the model outputs probabilities;
+    any other named Keras loss is not what the GNB estimator assumes; a
+    custom loss is taken to be a cross-entropy of logits.
+    """
+    loss = _single(model.loss, "loss")
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    config = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
+    name = getattr(loss, "__name__", None) or getattr(loss, "fn", None)
+    name = getattr(name, "__name__", name)
+    if name in _CROSS_ENTROPIES or "from_logits" in config:
+        if name not in _CROSS_ENTROPIES:
+            raise ValueError(
+                f"SophiaG estimates the Hessian of a categorical cross-entropy; the model "
+                f"is compiled with {name or type(loss).__name__}: use SophiaH")
+        from_logits = config.get("from_logits", False)
+        last = model.layers[-1] if model.layers else None
+        if from_logits and (isinstance(last, keras.layers.Softmax)
+                            or getattr(last, "activation", None) is keras.activations.softmax):
+            raise ValueError(
+                "the loss has from_logits=True but the model ends in a softmax: its outputs "
+                "are probabilities. Drop the softmax (recommended) or set from_logits=False")
+        return from_logits, config.get("ignore_class")
+    return True, None
 
 
 def _labels_mask(y: Any, logits: Any, ignore_index: int) -> Any:
     """Which positions count: integer labels shaped like ``logits[..., 0]``."""
-    if y is None or not isinstance(y, tf.Tensor) or not y.dtype.is_integer:
+    if y is None:
         return None
-    if y.shape.rank != logits.shape.rank - 1:
+    y = _single(y, "target")
+    if "int" not in keras.backend.standardize_dtype(y.dtype) or \
+            len(y.shape) != len(logits.shape) - 1:
         return None
-    return y != tf.cast(ignore_index, y.dtype)
+    return y != ops.cast(ignore_index, y.dtype)
 
 
-def _model_loss(model: Any, x: Any, y: Any, sample_weight: Any) -> Any:
-    y_pred = model(x, training=True)
-    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                               training=True)
+def _first_rows(structure: Any, rows: Any) -> Any:
+    return keras.tree.map_structure(lambda t: None if t is None else t[:rows], structure)
 
 
-def refresh_hessian(model: Any, optimizer: Sophia, x: Any, y: Any = None,
-                    sample_weight: Any = None, *, seed: int = 0,
-                    ignore_index: int = sophia_core.IGNORE_INDEX) -> Any:
-    """Refresh ``h`` on batch ``(x, y)`` if due; returns the bool ``due``.
+def _rows(x: Any, fraction: float) -> Any:
+    """How many rows the estimate uses: :func:`sophia_core.estimate_rows`.
 
-    Sophia-G (``optimizer.estimator == "gnb"``) needs a model that outputs
-    logits ``(..., V)``; integer labels ``y`` of shape ``(...)`` equal to
-    ``ignore_index`` are masked out. Sophia-H differentiates the compiled loss
-    twice. Works in eager mode, inside ``tf.function`` and inside
-    ``strategy.run`` (estimates are reduced over replicas).
+    A batch size known only at run time (TensorFlow graphs) gives the same
+    number as a tensor.
     """
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    variables = list(optimizer._trainable_variables)
-    due = optimizer.hessian_refresh_due()
-    seeds = tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
-    context = tf.distribute.get_replica_context()
-    distributed = context is not None and context.num_replicas_in_sync > 1
+    batch = ops.shape(keras.tree.flatten(x)[0])[0]
+    if isinstance(batch, int):
+        return sophia_core.estimate_rows(batch, fraction)
+    return ops.maximum(1, ops.cast(ops.ceil(fraction * ops.cast(batch, "float64")), "int32"))
 
+
+def _stateless(model: Any, values: list[Any], compute: Any) -> Any:
+    """``compute()`` with the trainable variables at ``values``, no state change kept."""
+    mapping = [*zip(model.trainable_variables, values, strict=True),
+               *((v, v.value) for v in model.non_trainable_variables)]
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+        return compute()
+
+
+class _Estimate(NamedTuple):
+    """An estimate split where replicas communicate (TensorFlow ``MirroredStrategy``)."""
+
+    local: Callable[[], list[Any]]  # this replica's part, no communication
+    finish: Callable[[list[Any]], list[Any]]  # the reduction over replicas, then hhat
+    zeros: Callable[[], list[Any]]  # what ``local`` returns when no refresh is due
+
+
+def _estimate(model: Any, optimizer: Sophia, data: Any) -> tuple[list[Any], _Estimate]:
+    """The trainable variables and the estimate of their Hessian on ``data``."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    rows = _rows(x, optimizer.hessian_batch_fraction)
+    x, y, sample_weight = (_first_rows(t, rows) for t in (x, y, sample_weight))
+    variables = list(model.trainable_variables)
+    values = [v.value for v in variables]
+    seed = (model.sophia_seed, optimizer.iterations)
     if optimizer.estimator == "gnb":
+        from_logits, ignore_class = _loss_settings(model)
+        ignore_index = model.sophia_ignore_index if ignore_class is None else ignore_class
+
+        def logits_fn(values):
+            outputs = _stateless(model, values, lambda: model(x, training=True))
+            return _single(outputs, "output")
+
         def local():
             grads, positions = gnb_local(
-                lambda: model(x, training=True), variables,
-                mask=lambda logits: _labels_mask(y, logits, ignore_index),
-                seed=seeds, ignore_index=ignore_index,
-            )
-            return [*grads, tf.cast(positions, tf.float64)]
+                logits_fn, values, seed=seed, ignore_index=ignore_index,
+                from_logits=from_logits, mask=lambda z: _labels_mask(y, z, ignore_index))
+            return [*grads, ops.cast(positions, "int32")]
 
         def finish(parts):
-            grads, positions = parts[:-1], parts[-1]
-            if distributed:
-                grads, positions = gnb_global(grads, positions)
+            grads, positions = _distribute.global_mean(parts[:-1], parts[-1])
             return [sophia_core.gnb_estimate(g, positions, xp=xp) for g in grads]
+
+        def zeros():
+            return [*(ops.zeros_like(v) for v in values), ops.zeros((), "int32")]
     else:
+        def loss_fn(values):
+            return _stateless(model, values, lambda: model.compute_loss(
+                x, y, model(x, training=True), sample_weight))
+
         def local():
-            return hutchinson_hessian(
-                lambda: _model_loss(model, x, y, sample_weight), variables,
-                n_probes=optimizer.n_probes, probe=optimizer.probe, seed=seeds,
-            )
+            return hutchinson_hessian(loss_fn, values, seed=seed,
+                                      n_probes=optimizer.n_probes, probe=optimizer.probe)
 
         def finish(parts):
-            # Keras divides each replica's loss by the replica count: the sum
-            # over replicas is the global estimate.
-            return replica_sum(parts) if distributed else list(parts)
+            # Keras divides each replica's loss by the replica count: the
+            # sum over replicas is the global estimate.
+            return _distribute.replica_sum(parts)
 
-    if not distributed:
-        def refresh():
-            optimizer.update_hessian(finish(local()))
-            return tf.constant(True)
+        def zeros():
+            return [ops.zeros(v.shape, sophia_core.compute_dtype(v.dtype, xp=xp))
+                    for v in values]
+    return variables, _Estimate(local, finish, zeros)
 
-        if tf.executing_eagerly():
-            return refresh() if bool(due) else tf.constant(False)
-        return tf.cond(due, refresh, lambda: tf.constant(False))
 
-    # Communication cannot sit inside tf.cond under MirroredStrategy: compute
-    # locally under the condition, then reduce and fold (masked) every step.
-    def zeros():
-        if optimizer.estimator == "gnb":  # gradients in the variables' dtypes, and N
-            return [tf.zeros(v.shape, v.dtype) for v in variables] + [tf.constant(0.0, tf.float64)]
-        return [tf.zeros(v.shape, sophia_core.compute_dtype(v.dtype, xp=xp)) for v in variables]
+def refresh_hessian(model: Any, data: Any, *, optimizer: Sophia | None = None) -> Any:
+    """Refresh Sophia's ``h`` on batch ``data`` if a refresh is due; returns ``due``.
 
-    parts = tf.cond(due, local, zeros)
-    optimizer._fold_hessian(finish(parts), where=due)
+    What :class:`SophiaTrainStep` calls before each step; usable in a custom
+    ``train_step`` too (on JAX inside a ``keras.StatelessScope`` that maps
+    the model's and the optimizer's variables to the state's values).
+    ``data`` is ``x``, ``(x, y)`` or ``(x, y, sample_weight)``.
+    """
+    optimizer = optimizer or _sophia(model.optimizer)
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    due = optimizer.hessian_refresh_due()
+    variables, estimate = _estimate(model, optimizer, data)
+    current = [v.value for v in optimizer.hessian_state()]
+    if _distribute.distributed():
+        # Communication cannot sit inside a condition: the local part runs
+        # under it, the reduction and the (masked) fold run every step.
+        hhats = estimate.finish(ops.cond(due, estimate.local, estimate.zeros))
+        folded = optimizer.folded_hessian_state(hhats, variables=variables, where=due)
+        optimizer.assign_hessian_state([ops.where(due, new, old)
+                                        for new, old in zip(folded, current, strict=True)])
+    elif keras.backend.backend() == "jax":
+        # A JAX branch cannot write variables: fold inside it, write after.
+        optimizer.assign_hessian_state(ops.cond(
+            due, lambda: optimizer.folded_hessian_state(
+                estimate.finish(estimate.local()), variables=variables),
+            lambda: current))
+    else:
+        ops.cond(due, lambda: optimizer.update_hessian(
+            estimate.finish(estimate.local()), variables=variables), lambda: None)
     return due
 
 
 class SophiaTrainStep:
     """Mixin for ``keras.Model`` that refreshes Sophia's Hessian inside ``fit``.
 
-    Put it before the Keras model class::
+    Put it first among the bases, or use :class:`sophia_tf.Sequential` /
+    :class:`sophia_tf.Model` (the mixin on ``keras.Sequential`` /
+    ``keras.Model``)::
 
-        class Classifier(sophia_tf.SophiaTrainStep, keras.Sequential):
-            pass
+        class LanguageModel(sophia_tf.SophiaTrainStep, keras.Model):
+            ...
 
-    With any optimizer other than :class:`sophia_tf.Sophia` (possibly inside
-    a ``LossScaleOptimizer``) it changes nothing. ``sophia_seed`` seeds the
-    estimator's noise.
+    Works on the TensorFlow, JAX and torch Keras backends, with
+    ``jit_compile`` on or off, mixed precision (through the
+    ``LossScaleOptimizer``), gradient accumulation (one refresh per
+    accumulation window) and, on TensorFlow, ``MirroredStrategy``. With an
+    optimizer other than :class:`sophia_tf.Sophia` it changes nothing.
+
+    ``sophia_seed`` seeds the estimator's noise; ``sophia_ignore_index`` is
+    the label value Sophia-G leaves out (the compiled loss's ``ignore_class``
+    takes precedence). Both are saved in the model's config.
     """
 
     sophia_seed: int = 0
     sophia_ignore_index: int = sophia_core.IGNORE_INDEX
 
-    def train_step(self, data):
-        optimizer = getattr(self, "optimizer", None)
-        # Mixed precision wraps the optimizer in a LossScaleOptimizer.
-        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        if isinstance(optimizer, Sophia):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            refresh_hessian(self, optimizer, x, y, sample_weight, seed=self.sophia_seed,
-                            ignore_index=self.sophia_ignore_index)
+    def train_step(self, *args):
+        sophia = _sophia(getattr(self, "optimizer", None))
+        if keras.backend.backend() == "jax":  # train_step(state, data), stateless
+            state, data = args
+            if sophia is not None:
+                state = _refreshed_state(self, state, data, sophia)
+            return super().train_step(state, data)
+        (data,) = args
+        if sophia is not None:
+            refresh_hessian(self, data, optimizer=sophia)
         return super().train_step(data)
+
+    def get_config(self):
+        config = super().get_config()
+        config["sophia"] = {"seed": self.sophia_seed, "ignore_index": self.sophia_ignore_index}
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        settings = config.pop("sophia", {})
+        model = super().from_config(config, custom_objects=custom_objects)
+        model.sophia_seed = settings.get("seed", cls.sophia_seed)
+        model.sophia_ignore_index = settings.get("ignore_index", cls.sophia_ignore_index)
+        return model
+
+
+def _refreshed_state(model, state, data, sophia):
+    """JAX: the training state after a refresh (variables live in ``state``)."""
+    trainable, non_trainable, optimizer_values, metrics = state
+    optimizer_variables = model.optimizer.variables
+    mapping = [*zip(model.trainable_variables, trainable, strict=True),
+               *zip(model.non_trainable_variables, non_trainable, strict=True),
+               *zip(optimizer_variables, optimizer_values, strict=True)]
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        refresh_hessian(model, data, optimizer=sophia)
+    optimizer_values = [scope.get_current_value(v) for v in optimizer_variables]
+    return trainable, non_trainable, optimizer_values, metrics
+
+
+@keras.saving.register_keras_serializable(package="sophia_tf")
+class Sequential(SophiaTrainStep, keras.Sequential):
+    """``keras.Sequential`` whose ``fit`` refreshes Sophia's Hessian (:class:`SophiaTrainStep`)."""
+
+
+@keras.saving.register_keras_serializable(package="sophia_tf")
+class Model(SophiaTrainStep, keras.Model):
+    """``keras.Model`` (functional or subclassed) whose ``fit`` refreshes Sophia's Hessian."""
+
