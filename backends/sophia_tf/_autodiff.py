@@ -9,11 +9,14 @@ other two accept:
 - ``hvp(fn, values, tangents)``: the Hessian of the scalar ``fn(values)``
   times ``tangents``.
 
+``traced(x)``: whether ``x`` is a symbolic value of compiled code (no
+Python branch on it).
+
 Gradients come back dense and with the values' static shapes (TensorFlow
 gives embeddings ``IndexedSlices`` of unknown shape). ``host_call_if(flag,
 function, *args)`` runs ``function(*args)`` when a (possibly traced) bool is true,
-from compiled code where the backend allows it: not inside a TensorFlow XLA
-cluster, which has no host operations.
+from compiled code where the backend allows it; it returns False where it
+cannot: inside a TensorFlow XLA cluster, which has no host operations.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["dense", "grad_and_aux", "host_call_if", "hvp"]
+__all__ = ["dense", "grad_and_aux", "host_call_if", "hvp", "traced"]
 
 
 def dense(gradient: Any, like: Any) -> Any:
@@ -60,14 +63,21 @@ def _tensorflow():
         if tf.executing_eagerly():
             if bool(flag):
                 function(*args)
-        elif tf.__internal__.get_enclosing_xla_context() is None:
-            def call():
-                tf.py_function(function, list(args), [])
-                return tf.constant(True)
+            return True
+        if tf.__internal__.get_enclosing_xla_context() is not None:
+            return False
 
-            tf.cond(flag, call, lambda: tf.constant(False))
+        def call():
+            tf.py_function(function, list(args), [])
+            return tf.constant(True)
 
-    return grad_and_aux, hvp, host_call_if
+        tf.cond(flag, call, lambda: tf.constant(False))
+        return True
+
+    def traced(x):
+        return not tf.executing_eagerly()
+
+    return grad_and_aux, hvp, host_call_if, traced
 
 
 def _jax():
@@ -79,10 +89,18 @@ def _jax():
     def hvp(fn, values, tangents):
         return jax.jvp(jax.grad(fn), (list(values),), (list(tangents),))[1]
 
-    def host_call_if(flag, function, *args):
-        jax.lax.cond(flag, lambda: jax.debug.callback(function, *args), lambda: None)
+    def traced(x):
+        return isinstance(x, jax.core.Tracer)
 
-    return grad_and_aux, hvp, host_call_if
+    def host_call_if(flag, function, *args):
+        if not traced(flag):
+            if bool(flag):
+                function(*args)
+        else:
+            jax.lax.cond(flag, lambda: jax.debug.callback(function, *args), lambda: None)
+        return True
+
+    return grad_and_aux, hvp, host_call_if, traced
 
 
 def _torch():
@@ -118,11 +136,15 @@ def _torch():
     def host_call_if(flag, function, *args):
         if bool(flag):
             function(*args)
+        return True
 
-    return grad_and_aux, hvp, host_call_if
+    def traced(x):
+        return False  # Keras on torch runs eagerly (torch.compile traces Python)
+
+    return grad_and_aux, hvp, host_call_if, traced
 
 
-_BACKENDS: dict[str, Callable[[], tuple[Callable, Callable, Callable]]] = {
+_BACKENDS: dict[str, Callable[[], tuple[Callable, ...]]] = {
     "tensorflow": _tensorflow, "jax": _jax, "torch": _torch,
 }
 if keras.backend.backend() not in _BACKENDS:
@@ -132,5 +154,6 @@ if keras.backend.backend() not in _BACKENDS:
     )
 grad_and_aux: Callable[[Callable, Sequence[Any]], tuple[list[Any], Any]]
 hvp: Callable[[Callable, Sequence[Any], Sequence[Any]], list[Any]]
-host_call_if: Callable[..., None]
-grad_and_aux, hvp, host_call_if = _BACKENDS[keras.backend.backend()]()
+host_call_if: Callable[..., bool]
+traced: Callable[[Any], bool]
+grad_and_aux, hvp, host_call_if, traced = _BACKENDS[keras.backend.backend()]()

@@ -23,14 +23,12 @@ from keras import ops
 import sophia_core
 
 from . import _distribute
+from ._autodiff import traced
 from ._estimators import gnb_local, hutchinson_hessian
 from ._namespace import keras_namespace as xp
 from ._optimizer import Sophia
 
 __all__ = ["Model", "Sequential", "SophiaTrainStep", "refresh_hessian"]
-
-_CROSS_ENTROPIES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
-
 
 def _sophia(optimizer: Any) -> Sophia | None:
     """The Sophia optimizer, also inside a ``LossScaleOptimizer``; else None."""
@@ -49,30 +47,32 @@ def _single(structure: Any, what: str) -> Any:
 def _loss_settings(model: Any) -> tuple[bool, int | None]:
     """``(from_logits, ignore_class)`` of the compiled loss, for Sophia-G.
 
-    Categorical cross-entropies say whether the model outputs probabilities;
-    any other named Keras loss is not what the GNB estimator assumes; a
-    custom loss is taken to be a cross-entropy of logits.
+    Keras's categorical cross-entropies say whether the model outputs
+    probabilities; Keras's other losses are not what the GNB estimator
+    assumes (SophiaH is); a custom loss is taken to be a cross-entropy of
+    logits.
     """
     loss = _single(model.loss, "loss")
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    config = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
-    name = getattr(loss, "__name__", None) or getattr(loss, "fn", None)
-    name = getattr(name, "__name__", name)
-    if name in _CROSS_ENTROPIES or "from_logits" in config:
-        if name not in _CROSS_ENTROPIES:
-            raise ValueError(
-                f"SophiaG estimates the Hessian of a categorical cross-entropy; the model "
-                f"is compiled with {name or type(loss).__name__}: use SophiaH")
-        from_logits = config.get("from_logits", False)
-        last = model.layers[-1] if model.layers else None
-        if from_logits and (isinstance(last, keras.layers.Softmax)
-                            or getattr(last, "activation", None) is keras.activations.softmax):
-            raise ValueError(
-                "the loss has from_logits=True but the model ends in a softmax: its outputs "
-                "are probabilities. Drop the softmax (recommended) or set from_logits=False")
-        return from_logits, config.get("ignore_class")
-    return True, None
+    loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if isinstance(loss, (keras.losses.SparseCategoricalCrossentropy,
+                         keras.losses.CategoricalCrossentropy)):
+        config = loss.get_config()
+        from_logits, ignore_class = config["from_logits"], config.get("ignore_class")
+    elif loss in (keras.losses.sparse_categorical_crossentropy,
+                  keras.losses.categorical_crossentropy):
+        from_logits, ignore_class = False, None
+    elif getattr(loss, "__module__", "").startswith("keras."):
+        raise ValueError(f"SophiaG estimates the Hessian of a categorical cross-entropy, but "
+                         f"the model is compiled with {loss}: use SophiaH")
+    else:
+        return True, None
+    last = model.layers[-1] if model.layers else None
+    if from_logits and (isinstance(last, keras.layers.Softmax)
+                        or getattr(last, "activation", None) is keras.activations.softmax):
+        raise ValueError("the loss has from_logits=True but the model ends in a softmax: its "
+                         "outputs are probabilities. Drop the softmax (recommended) or set "
+                         "from_logits=False")
+    return from_logits, ignore_class
 
 
 def _labels_mask(y: Any, logits: Any, ignore_index: int) -> Any:
@@ -175,10 +175,16 @@ def refresh_hessian(model: Any, data: Any, *, optimizer: Sophia | None = None) -
     ``data`` is ``x``, ``(x, y)`` or ``(x, y, sample_weight)``.
     """
     optimizer = optimizer or _sophia(model.optimizer)
+    if not model.built:  # a subclassed model before its first call (TensorFlow's fit):
+        model(keras.utils.unpack_x_y_sample_weight(data)[0])  # builds its layers
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
     due = optimizer.hessian_refresh_due()
     variables, estimate = _estimate(model, optimizer, data)
+    if not traced(due):  # eager: a Python branch
+        if bool(due):
+            optimizer.update_hessian(estimate.finish(estimate.local()), variables=variables)
+        return due
     current = [v.value for v in optimizer.hessian_state()]
     if _distribute.distributed():
         # Communication cannot sit inside a condition: the local part runs
@@ -270,5 +276,22 @@ class Sequential(SophiaTrainStep, keras.Sequential):
 
 @keras.saving.register_keras_serializable(package="sophia_tf")
 class Model(SophiaTrainStep, keras.Model):
-    """``keras.Model`` (functional or subclassed) whose ``fit`` refreshes Sophia's Hessian."""
+    """``keras.Model`` whose ``fit`` refreshes Sophia's Hessian (:class:`SophiaTrainStep`).
 
+    Subclass it as ``keras.Model``, or call it as ``keras.Model(inputs,
+    outputs)`` for a functional model.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        functional = len(args) == 2 or {"inputs", "outputs"} <= set(kwargs) or (
+            len(args) == 1 and "outputs" in kwargs)
+        if cls is Model and functional:
+            # Keras turns a class used functionally into a Functional subclass
+            # (it rewrites the class's bases): that must not happen to Model.
+            return FunctionalModel(*args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="sophia_tf")
+class FunctionalModel(SophiaTrainStep, keras.Model):
+    """What ``sophia_tf.Model(inputs, outputs)`` makes."""

@@ -72,6 +72,12 @@ class _Setting:
         vars(optimizer)[self.name] = value
 
 
+def _numpy(value: Any) -> Any:
+    with warnings.catch_warnings():  # keras's np.array(tensor) warns under numpy 2
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ops.convert_to_numpy(value)
+
+
 def _float64_available() -> bool:
     """Whether this backend has float64 (JAX has it only with x64 enabled)."""
     with warnings.catch_warnings():
@@ -176,7 +182,8 @@ class Sophia(keras.optimizers.Optimizer):
         self.hessian_batch_fraction = hessian_batch_fraction
         self.require_refresh = require_refresh
         self.warn_sign_momentum = warn_sign_momentum
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # warnings given (once per optimizer)
+        self._host_checks_dropped = False  # a check compiled where no host call fits
 
     # -- state ---------------------------------------------------------------
 
@@ -281,16 +288,17 @@ class Sophia(keras.optimizers.Optimizer):
         self._check_refreshes()
 
     def finalize_variable_values(self, var_list):
-        """End of ``fit``: also the warnings that compiled code could not give.
+        """End of ``fit``: also the warnings compiled code could not give.
 
         (TensorFlow's XLA clusters have no host calls: with ``jit_compile``
-        the checks of :meth:`apply` and of the fold are made here.)
+        the checks of :meth:`apply` and of the fold are made here instead.)
         """
         super().finalize_variable_values(var_list)
+        if not self._host_checks_dropped:
+            return
         self._check_refreshes()
-        if self.warn_sign_momentum and self.built:
-            streak = self._streak.value
-            host_call_if(streak >= sophia_core.SIGN_MOMENTUM_PATIENCE,
+        if self.warn_sign_momentum:
+            host_call_if(self._streak.value >= sophia_core.SIGN_MOMENTUM_PATIENCE,
                          self._warn_sign_momentum, self._share.value)
 
     # -- the Hessian ---------------------------------------------------------
@@ -397,8 +405,8 @@ class Sophia(keras.optimizers.Optimizer):
         streak, warn = sophia_core.sign_momentum_regime(
             self._streak.value, share, refreshes=refreshes, xp=xp)
         if self.warn_sign_momentum and "sign_momentum" not in self._warned:
-            host_call_if(warn if where is None else warn & where, self._warn_sign_momentum,
-                         share)
+            self._host_checks_dropped |= not host_call_if(
+                warn if where is None else warn & where, self._warn_sign_momentum, share)
         return [*hs, refreshes, rejected, gamma, streak, ops.cast(share, "float32")]
 
     # -- warnings (host side, once per optimizer) ----------------------------
@@ -417,13 +425,13 @@ class Sophia(keras.optimizers.Optimizer):
 
     def _check_refreshes(self) -> None:
         """Warn (once) when more than k steps passed without any Hessian estimate."""
-        if not self.require_refresh or "missing_refresh" in self._warned:
+        if not self.built or not self.require_refresh or "missing_refresh" in self._warned:
             return
         steps = ops.convert_to_tensor(self.iterations)
         missing = sophia_core.missing_refresh(
             steps, self._hessian_refreshes.value,
             hessian_interval=self.hessian_interval, refresh_at_start=self.refresh_at_start)
-        host_call_if(missing, self._warn_missing_refresh, steps)
+        self._host_checks_dropped |= not host_call_if(missing, self._warn_missing_refresh, steps)
 
     # -- config --------------------------------------------------------------
 
@@ -446,12 +454,12 @@ class Sophia(keras.optimizers.Optimizer):
             raise ValueError("build the optimizer before export_state")
         hyperparameters = {core: getattr(self, name) for name, core in _CORE_NAMES.items()
                            if name != "learning_rate"}
-        hyperparameters["lr"] = float(ops.convert_to_numpy(self._get_current_learning_rate()))
+        hyperparameters["lr"] = float(_numpy(self._get_current_learning_rate()))
         portable.save_state(
             path,
-            step=int(ops.convert_to_numpy(self.iterations)),
-            ms=[ops.convert_to_numpy(m) for m in self._momentums],
-            hs=[ops.convert_to_numpy(h) for h in self._hessians],
+            step=int(_numpy(self.iterations)),
+            ms=[_numpy(m) for m in self._momentums],
+            hs=[_numpy(h) for h in self._hessians],
             hyperparameters=hyperparameters,
             names=self._names,
             counters=self._counters(),
@@ -461,9 +469,9 @@ class Sophia(keras.optimizers.Optimizer):
         values = {"hessian_refreshes": self._hessian_refreshes,
                   "rejected_hessian_coordinates": self._rejected,
                   "sign_momentum_streak": self._streak}
-        counters = {k: int(ops.convert_to_numpy(v)) for k, v in values.items()}
-        counters["gamma"] = float(ops.convert_to_numpy(self._gamma))
-        counters["unclipped_share"] = float(ops.convert_to_numpy(self._share))
+        counters = {k: int(_numpy(v)) for k, v in values.items()}
+        counters["gamma"] = float(_numpy(self._gamma))
+        counters["unclipped_share"] = float(_numpy(self._share))
         return counters
 
     def import_state(self, path) -> None:
