@@ -209,14 +209,14 @@ class Sophia(keras.optimizers.Optimizer):
             self._names.append(variable.path.replace("/", "."))
         wide = "float64" if any(h.dtype == "float64" for h in self._hessians) else "float32"
 
-        def scalar(name, dtype, value=0):
-            return self.add_variable(shape=(), dtype=dtype, name=name,
-                                     initializer=keras.initializers.Constant(value),
+        def scalar(name, dtype, initializer="zeros"):
+            return self.add_variable(shape=(), dtype=dtype, name=name, initializer=initializer,
                                      aggregation="only_first_replica")
 
         self._hessian_refreshes = scalar("hessian_refreshes", "int")
         self._rejected = scalar("rejected_hessian_coordinates", "int")
-        self._gamma = scalar("current_gamma", wide, self.gamma)
+        self._gamma = scalar("current_gamma", wide,
+                             lambda shape, dtype: ops.convert_to_tensor(self.gamma, dtype))
         self._streak = scalar("sign_momentum_streak", "int")
         self._share = scalar("unclipped_share", "float32")
         self._exact = "float64" if _float64_available() else "float32"
@@ -478,7 +478,8 @@ class Sophia(keras.optimizers.Optimizer):
         """Restore step, ``m``, ``h`` and the counters written by :meth:`export_state`.
 
         Tensors are matched by name (the variables' paths), or by position
-        for files without names. Hyperparameters stay this optimizer's own.
+        for files with positional names (version 1, or saved without names).
+        Hyperparameters stay this optimizer's own.
         With ``gradient_accumulation_steps`` the restored step starts a new
         accumulation window (accumulated gradients are not part of the file).
         """
@@ -486,9 +487,15 @@ class Sophia(keras.optimizers.Optimizer):
 
         if not self.built:
             raise ValueError("build the optimizer before import_state")
-        expected = {name: tuple(h.shape) for name, h in zip(self._names, self._hessians,
-                                                             strict=True)}
-        state = portable.load_state(path, expect=expected)
+        shapes = [tuple(h.shape) for h in self._hessians]
+        try:
+            state = portable.load_state(path, expect=dict(zip(self._names, shapes, strict=True)))
+        except ValueError:
+            # A file with positional names ("0", "1", ...: version 1, or written
+            # without names) is read by position, as version 1 was.
+            if portable.load_state(path).names != [str(i) for i in range(len(shapes))]:
+                raise
+            state = portable.load_state(path, expect_shapes=shapes)
         for store, arrays in ((self._momentums, state.ms), (self._hessians, state.hs)):
             for variable, array in zip(store, arrays, strict=True):
                 variable.assign(ops.cast(array, variable.dtype))

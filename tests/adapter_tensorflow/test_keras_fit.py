@@ -33,7 +33,8 @@ def language_model(optimizer, cls=sophia_tf.Sequential, head=None, loss=None, **
     """Embedding, Dense, and a head: ``Dense(VOCAB, **head)`` (logits by default)."""
     keras.utils.set_random_seed(1)
     model = cls([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
-                 keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(VOCAB, **head or {})])
+                 keras.layers.Dense(16, activation="tanh"),
+                 keras.layers.Dense(VOCAB, **head or {})])
     model.compile(optimizer=optimizer,
                   loss=loss or keras.losses.SparseCategoricalCrossentropy(**LOSS),
                   **compile_args)
