@@ -1,17 +1,11 @@
 """Sophia for Keras 3, on the TensorFlow, JAX and torch backends.
 
-- :class:`SophiaG`, :class:`SophiaH`: Keras optimizers (``compile``/``fit``,
-  ``apply_gradients``, ``jit_compile``, saving, mixed precision, gradient
-  accumulation, ``MirroredStrategy`` on TensorFlow).
-- :class:`Sequential`, :class:`Model`, :class:`SophiaTrainStep`: Keras
-  models (or the mixin) whose ``fit`` refreshes the Hessian on schedule.
-- :func:`gnb_hessian`, :func:`hutchinson_hessian`, :func:`refresh_hessian`:
-  the estimates, for custom loops and train steps.
-- :data:`keras_namespace`: the array namespace (``keras.ops``) the core runs on.
-
-The math lives in :mod:`sophia_core`; this package maps names, keeps state
-and supplies autodiff and noise. The package is named ``sophia_tf`` for
-history: it needs TensorFlow only on the TensorFlow Keras backend.
+:class:`SophiaG` and :class:`SophiaH` are Keras optimizers; :class:`Sequential`,
+:class:`Model` and the mixin :class:`SophiaTrainStep` refresh the Hessian inside
+``fit``; :func:`gnb_hessian`, :func:`hutchinson_hessian` and :func:`refresh_hessian`
+serve custom loops; :data:`keras_namespace` is the ``keras.ops`` namespace the
+core runs on. The math is :mod:`sophia_core`'s. (The name ``sophia_tf`` is
+historical: TensorFlow is needed only on the TensorFlow Keras backend.)
 """
 
 from __future__ import annotations
@@ -21,17 +15,6 @@ from ._fit import Model, Sequential, SophiaTrainStep, refresh_hessian
 from ._namespace import keras_namespace
 from ._optimizer import KERAS_NAMES, REFRESH_FIX, Sophia, SophiaG, SophiaH
 
-__all__ = [
-    "KERAS_NAMES",
-    "REFRESH_FIX",
-    "Model",
-    "Sequential",
-    "Sophia",
-    "SophiaG",
-    "SophiaH",
-    "SophiaTrainStep",
-    "gnb_hessian",
-    "hutchinson_hessian",
-    "keras_namespace",
-    "refresh_hessian",
-]
+__all__ = ["KERAS_NAMES", "REFRESH_FIX", "Model", "Sequential", "Sophia", "SophiaG", "SophiaH",
+           "SophiaTrainStep", "gnb_hessian", "hutchinson_hessian", "keras_namespace",
+           "refresh_hessian"]

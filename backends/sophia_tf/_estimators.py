@@ -1,20 +1,17 @@
 """Sophia-G (GNB) and Sophia-H (Hutchinson) Hessian estimates on any Keras backend.
 
 The array math (Gumbel-max sampling, the masked mean cross-entropy,
-``N g g``, ``u * Hu``, probes from noise) is :mod:`sophia_core`'s, run on
-:data:`sophia_tf.keras_namespace`; Keras supplies the noise
-(``keras.random``) and the backend the derivatives (``_autodiff``).
+``N g g``, ``u * Hu``, probes from noise) is :mod:`sophia_core`'s; Keras
+supplies the noise (``keras.random``), the backend the derivatives. Both
+take a function of *values* (``fn(values)``, as ``model.stateless_call``
+gives), the form JAX needs. Noise is stateless: ``seed`` is a pair
+``(seed, counter)`` of integers or integer tensors, and the same pair
+draws the same labels and probes (what a resumed run needs).
 
-Both estimators are functions of *values*, not variables: ``fn(values)``
-computes the logits or the loss from a list of tensors, as a
-``model.stateless_call`` does. That is the form JAX needs, and on every
-backend it leaves the model's state (BatchNorm statistics, dropout seeds)
-untouched.
-
-Noise is stateless: ``seed`` is a pair ``(seed, counter)`` of integers or
-integer tensors (the refresh in ``fit`` uses ``(model.sophia_seed,
-optimizer.iterations)``), so the same pair draws the same labels and probes,
-which is what a resumed run needs.
+Under a TensorFlow ``MirroredStrategy`` each replica sees its slice of the
+batch, and Sophia-G needs the global mean gradient and count (SPEC section
+3): the last functions here are the only cross-replica code (identities
+elsewhere; Keras's JAX and torch backends hold global arrays).
 """
 
 from __future__ import annotations
@@ -27,62 +24,44 @@ from keras import ops
 
 import sophia_core
 
-from . import _distribute
 from ._autodiff import grad_and_aux, hvp
 from ._namespace import keras_namespace as xp
 
-__all__ = ["gnb_hessian", "gnb_local", "hutchinson_hessian", "noise"]
+__all__ = ["global_mean", "gnb_hessian", "gnb_local", "hutchinson_hessian", "noise",
+           "replica_sum", "replicas"]
 
-# keras.random draws from a SeedGenerator; this one's state is never used
-# as stored: each draw sets it, inside a StatelessScope, to the seed wanted.
+# keras.random draws from a SeedGenerator: this one's stored state is never
+# used; each draw maps it, in a StatelessScope, to the seed wanted.
 _GENERATOR = keras.random.SeedGenerator(0, name="sophia_noise")
 
 
-def noise(kind: str, shape: Any, dtype: Any, seed: Any, *, draw: int = 0,
-          draws: int = 1) -> Any:
-    """Uniform [0, 1) or standard normal noise: draw ``draw`` of ``draws`` at ``seed``.
-
-    The Keras seed is ``(seed[0], seed[1] * draws + draw)`` (int32, wrapping):
-    distinct draws within one refresh and across counters.
-    """
+def noise(kind: str, shape: Any, dtype: Any, seed: Any, *, draw: int = 0, draws: int = 1):
+    """Uniform [0, 1) or standard normal noise, Keras seed ``(seed[0], seed[1]*draws + draw)``."""
     first, counter = (ops.cast(s, "int32") for s in seed)
-    state = ops.stack([first, counter * draws + draw])
-    with keras.StatelessScope(state_mapping=[(_GENERATOR.state, state)]):
-        if kind == "uniform":
-            return keras.random.uniform(shape, dtype=dtype, seed=_GENERATOR)
-        return keras.random.normal(shape, dtype=dtype, seed=_GENERATOR)
-
-
-def _logits_of(outputs: Any, from_logits: bool) -> Any:
-    """Logits from model outputs: log-probabilities when they are probabilities.
-
-    ``softmax(log p) = p``, so labels sampled from them and the gradient of
-    the cross-entropy at those labels are the same as from the logits;
-    probabilities are clipped to Keras's epsilon as its cross-entropy does.
-    """
-    if from_logits:
-        return outputs
-    return ops.log(ops.clip(outputs, keras.config.epsilon(), 1.0))
+    with keras.StatelessScope(state_mapping=[(_GENERATOR.state,
+                                              ops.stack([first, counter * draws + draw]))]):
+        sample = keras.random.uniform if kind == "uniform" else keras.random.normal
+        return sample(shape, dtype=dtype, seed=_GENERATOR)
 
 
 def gnb_local(logits_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
-              seed: Any = (0, 0), mask: Any = None,
-              ignore_index: int = sophia_core.IGNORE_INDEX,
+              seed: Any = (0, 0), mask: Any = None, ignore_index: int = sophia_core.IGNORE_INDEX,
               from_logits: bool = True) -> tuple[list[Any], Any]:
-    """This replica's ``(ghat per value, N)``: no cross-replica communication."""
+    """This replica's ``(ghat per value, N)`` (no cross-replica communication)."""
 
     def sampled_loss(values):
-        logits = _logits_of(logits_fn(values), from_logits)
-        counted = mask(logits) if callable(mask) else mask
+        outputs = logits_fn(values)
+        # Probabilities p: log p are logits (softmax(log p) = p), clipped as Keras's CE does.
+        logits = outputs if from_logits else ops.log(
+            ops.clip(outputs, keras.config.epsilon(), 1.0))
         z = ops.stop_gradient(logits)
-        uniform = _distribute.global_batch_rows(
-            lambda shape: noise("uniform", shape, sophia_core.compute_dtype(z.dtype, xp=xp),
-                                seed), z)
-        labels = sophia_core.sample_labels(z, uniform, mask=counted,
+        uniform = global_batch_rows(lambda shape: noise(
+            "uniform", shape, sophia_core.compute_dtype(z.dtype, xp=xp), seed), z)
+        labels = sophia_core.sample_labels(z, uniform, mask=mask(z) if callable(mask) else mask,
                                            ignore_index=ignore_index, xp=xp)
-        loss = sophia_core.masked_mean_cross_entropy(logits, labels,
-                                                     ignore_index=ignore_index, xp=xp)
-        return loss, sophia_core.num_positions(labels, ignore_index=ignore_index, xp=xp)
+        return (sophia_core.masked_mean_cross_entropy(logits, labels, ignore_index=ignore_index,
+                                                      xp=xp),
+                sophia_core.num_positions(labels, ignore_index=ignore_index, xp=xp))
 
     return grad_and_aux(sampled_loss, list(values))
 
@@ -93,18 +72,16 @@ def gnb_hessian(logits_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
                 from_logits: bool = True) -> list[Any]:
     r"""Sophia-G's estimate :math:`\hat h = N \hat g \odot \hat g`, one per value.
 
-    ``logits_fn(values)`` returns logits of shape ``(..., V)`` (with
-    ``from_logits=False``: probabilities, as a softmax head gives). Labels are
-    sampled from them; ``mask`` (bool, shape ``(...)``, or a function of the
-    logits returning it) marks the positions that count, the others are
-    ``ignore_index``. :math:`\hat g` is the gradient of the mean
-    cross-entropy at the sampled labels and :math:`N` the number of counted
-    positions. Inside a TensorFlow ``strategy.run``, :math:`\hat g` is the
-    global mean over replicas and :math:`N` the global count.
+    ``logits_fn(values)`` returns logits ``(..., V)`` (with
+    ``from_logits=False``, probabilities: a softmax head). Labels are sampled
+    from them; ``mask`` (bool ``(...)``, or a function of the logits giving
+    it) marks the positions that count. :math:`\hat g` is the gradient of the
+    mean cross-entropy at the sampled labels, :math:`N` the positions
+    counted; inside a TensorFlow ``strategy.run``, the global mean and count.
     """
-    grads, positions = gnb_local(logits_fn, values, seed=seed, mask=mask,
-                                 ignore_index=ignore_index, from_logits=from_logits)
-    grads, positions = _distribute.global_mean(grads, positions)
+    grads, positions = global_mean(*gnb_local(
+        logits_fn, values, seed=seed, mask=mask, ignore_index=ignore_index,
+        from_logits=from_logits))
     return [sophia_core.gnb_estimate(g, positions, xp=xp) for g in grads]
 
 
@@ -113,28 +90,65 @@ def hutchinson_hessian(loss_fn: Callable[[list[Any]], Any], values: Sequence[Any
                        probe: str = "gaussian") -> list[Any]:
     r"""Sophia-H's estimate :math:`\hat h = \frac1n\sum_j u_j \odot H u_j`, one per value.
 
-    ``loss_fn(values)`` returns a scalar loss. ``n_probes`` probes per value,
-    ``probe`` "gaussian" (standard normal) or "rademacher" (:math:`\pm 1`);
-    the Hessian-vector products are forward-over-reverse on TensorFlow and
-    JAX, reverse-over-reverse on torch. Under data parallelism the caller
-    sums (or averages) the estimates over replicas as its loss requires.
+    ``loss_fn(values)`` returns a scalar; ``n_probes`` probes per value of
+    distribution ``probe`` ("gaussian" or "rademacher"). Under data
+    parallelism the caller reduces the estimates over replicas.
     """
     sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
     values = list(values)
-    kind = "uniform" if probe == "rademacher" else "normal"
-    draws = n_probes * len(values)
-    probes: list[list[Any]] = [[] for _ in values]
-    products: list[list[Any]] = [[] for _ in values]
+    kind, draws = "uniform" if probe == "rademacher" else "normal", n_probes * len(values)
+    probes, products = [[] for _ in values], [[] for _ in values]
     for j in range(n_probes):
-        tangents = []
-        for i, value in enumerate(values):
-            dtype = sophia_core.compute_dtype(value.dtype, xp=xp)
-            u = sophia_core.probe_from_noise(
-                noise(kind, tuple(value.shape), dtype, seed, draw=j * len(values) + i,
-                      draws=draws), probe=probe, xp=xp)
-            tangents.append(ops.cast(u, value.dtype))
+        tangents = [ops.cast(sophia_core.probe_from_noise(noise(
+            kind, tuple(v.shape), sophia_core.compute_dtype(v.dtype, xp=xp), seed,
+            draw=j * len(values) + i, draws=draws), probe=probe, xp=xp), v.dtype)
+            for i, v in enumerate(values)]
         for i, hu in enumerate(hvp(loss_fn, values, tangents)):
             probes[i].append(tangents[i])
             products[i].append(hu)
     return [sophia_core.hutchinson_estimate(us, hus, xp=xp)
             for us, hus in zip(probes, products, strict=True)]
+
+
+def replicas() -> Any:
+    """TensorFlow's replica context when several replicas run in sync, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def global_batch_rows(draw: Callable[[Any], Any], like: Any) -> Any:
+    """``draw(shape)`` noise for the rows of batch ``like``.
+
+    On several replicas each draws the noise of the whole global batch and
+    keeps its own rows: the sampled labels are the single-device ones.
+    """
+    context = replicas()
+    if context is None:
+        return draw(ops.shape(like))
+    import tensorflow as tf
+
+    rows = tf.shape(like)[0]
+    full = draw(tf.concat([[rows * context.num_replicas_in_sync], tf.shape(like)[1:]], 0))
+    start = tf.cast(context.replica_id_in_sync_group, rows.dtype) * rows
+    return tf.ensure_shape(full[start:start + rows], like.shape)
+
+
+def replica_sum(values: Sequence[Any]) -> list[Any]:
+    """Sum ``values`` over replicas (inside ``strategy.run``)."""
+    context = replicas()
+    return list(values) if context is None else context.all_reduce("sum", list(values))
+
+
+def global_mean(grads: Sequence[Any], positions: Any) -> tuple[list[Any], Any]:
+    """The global mean gradient and count from each replica's local ones."""
+    if replicas() is None:
+        return list(grads), positions
+    local = ops.cast(positions, "float64")
+    # Separate reductions: an all-reduce packs its list, so one dtype each.
+    summed = replica_sum([g * ops.cast(local, g.dtype) for g in grads])
+    total = replica_sum([local])[0]
+    return [g / ops.cast(ops.maximum(total, 1.0), g.dtype) for g in summed], total

@@ -261,7 +261,7 @@ def test_narrow_parameters_get_float32_state_and_stay_finite():
     assert variable.dtype == "bfloat16" and np.isfinite(numpy_of(variable)).all()
 
 
-def test_refresh_schedule_and_the_reference_codes_convention():
+def test_refresh_schedule_and_update_hessian_errors():
     variable = keras.Variable(np.ones((2, 2), "float32"))
     optimizer = sophia_tf.SophiaG(hessian_interval=3, refresh_at_start=False,
                                   require_refresh=False)
@@ -273,15 +273,11 @@ def test_refresh_schedule_and_the_reference_codes_convention():
         due.append(bool(optimizer.hessian_refresh_due()))
         optimizer.apply_gradients([(ops.ones((2, 2)), variable)])
     assert due == [False, False, False, True, False, False, True]
-    grads = np.array([[0.5, -1.0], [2.0, 0.0]], "float32")
-    optimizer.update_hessian(sampled_grads=[ops.convert_to_tensor(grads)], positions=8)
-    want = sophia_core.hessian_ema(np.zeros((2, 2), "float32"),
-                                   sophia_core.gnb_estimate(grads, 8, xp=np), b2=0.99)
-    assert bitwise_equal(optimizer.sophia_slots(variable)[1], want)
     with pytest.raises(ValueError, match="Hessian estimates"):
-        optimizer.update_hessian([grads, grads])
-    with pytest.raises(ValueError, match="exactly one"):
-        optimizer.update_hessian()
+        optimizer.update_hessian([ops.ones((2, 2)), ops.ones((2, 2))])
+    with pytest.raises(ValueError, match="shape"):
+        optimizer.update_hessian([ops.ones((4,))])
+    assert int(numpy_of(optimizer.hessian_refreshes)) == 0
 
 
 def test_refresh_is_due_once_per_gradient_accumulation_window():

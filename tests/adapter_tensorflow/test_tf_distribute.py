@@ -36,6 +36,7 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(cls, mirrored):
 
     def run(strategy):
         keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")  # a policy set earlier would win over floatx
         try:
             with strategy.scope():
                 # The whole batch: each replica takes its share of its own rows.
@@ -44,6 +45,7 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(cls, mirrored):
             model.fit(TOKENS, NEXT, batch_size=8, epochs=1, shuffle=False, verbose=0)
         finally:
             keras.config.set_floatx("float32")
+            keras.config.set_dtype_policy("float32")
         return ([numpy_of(v) for v in model.trainable_variables], hessians(model),
                 int(numpy_of(model.optimizer.hessian_refreshes)))
 
