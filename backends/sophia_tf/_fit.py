@@ -47,6 +47,8 @@ def _loss_settings(model: Any) -> tuple[bool, int | None]:
     probabilities; Keras's other losses are not what the GNB estimator
     assumes; a custom loss is taken to be a cross-entropy of logits.
     """
+    if model.loss is None:  # not compiled: a custom loop's own loss
+        return True, None
     loss = _single(model.loss, "loss")
     loss = keras.losses.get(loss) if isinstance(loss, str) else loss
     if isinstance(loss, (keras.losses.SparseCategoricalCrossentropy,
@@ -108,7 +110,7 @@ def _estimate(model: Any, optimizer: Sophia, data: Any):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
         _first_rows(data, optimizer.hessian_batch_fraction))
     values = [v.value for v in model.trainable_variables]
-    seed = (model.sophia_seed, optimizer.iterations)
+    seed = (getattr(model, "sophia_seed", SophiaTrainStep.sophia_seed), optimizer.iterations)
     if optimizer.estimator == "hutchinson":
         def loss_fn(values):
             return _stateless(model, values, lambda: model.compute_loss(
@@ -120,7 +122,8 @@ def _estimate(model: Any, optimizer: Sophia, data: Any):
             loss_fn, values, seed=seed, n_probes=optimizer.n_probes,
             probe=optimizer.probe), replica_sum
     from_logits, ignore_class = _loss_settings(model)
-    ignore_index = model.sophia_ignore_index if ignore_class is None else ignore_class
+    ignore_index = getattr(model, "sophia_ignore_index", sophia_core.IGNORE_INDEX) \
+        if ignore_class is None else ignore_class
 
     def local():
         grads, positions = gnb_local(
@@ -142,7 +145,8 @@ def refresh_hessian(model: Any, data: Any, *, optimizer: Sophia | None = None) -
     What :class:`SophiaTrainStep` calls before each step, for a custom
     ``train_step`` too (on JAX inside a ``keras.StatelessScope`` mapping the
     model's and the optimizer's variables to the state's values). ``data``
-    is ``x``, ``(x, y)`` or ``(x, y, sample_weight)``.
+    is ``x``, ``(x, y)`` or ``(x, y, sample_weight)``. A model without the
+    mixin and without a compiled loss is taken to output logits.
     """
     optimizer = optimizer or _sophia(model.optimizer)
     if not model.built:  # a subclassed model before its first call (TensorFlow's fit)
