@@ -25,13 +25,6 @@ from sophia_core import NAMESPACE_FUNCTIONS
 
 __all__ = ["keras_namespace"]
 
-_KINDS = {"bool": lambda name: name == "bool", "real floating": lambda name: "float" in name,
-          "signed integer": lambda name: name.startswith("int"),
-          "unsigned integer": lambda name: name.startswith("uint"),
-          "integral": lambda name: "int" in name, "numeric": lambda name: name != "bool",
-          "complex floating": lambda name: name.startswith("complex")}
-
-
 def _native(name: str):
     """The backend's dtype object for ``name`` (numpy's float64 on JAX without x64)."""
     with warnings.catch_warnings():
@@ -64,9 +57,13 @@ def isdtype(dtype, kind):
     name = keras.backend.standardize_dtype(dtype)
     if not isinstance(kind, str):
         return name == keras.backend.standardize_dtype(kind)
-    if kind not in _KINDS:
+    kinds = {"bool": name == "bool", "real floating": "float" in name,
+             "signed integer": name.startswith("int"), "unsigned integer": name.startswith("uint"),
+             "integral": "int" in name, "numeric": name != "bool",
+             "complex floating": name.startswith("complex")}
+    if kind not in kinds:
         raise ValueError(f"unknown dtype kind {kind!r}")
-    return _KINDS[kind](name)
+    return kinds[kind]
 
 
 def sum(x, /, *, axis=None, dtype=None, keepdims=False):  # noqa: A001
