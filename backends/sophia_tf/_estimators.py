@@ -1,17 +1,12 @@
 """Sophia-G (GNB) and Sophia-H (Hutchinson) Hessian estimates on any Keras backend.
 
-The array math (Gumbel-max sampling, the masked mean cross-entropy,
-``N g g``, ``u * Hu``, probes from noise) is :mod:`sophia_core`'s; Keras
-supplies the noise (``keras.random``), the backend the derivatives. Both
-take a function of *values* (``fn(values)``, as ``model.stateless_call``
-gives), the form JAX needs. Noise is stateless: ``seed`` is a pair
-``(seed, counter)`` of integers or integer tensors, and the same pair
-draws the same labels and probes (what a resumed run needs).
-
-Under a TensorFlow ``MirroredStrategy`` each replica sees its slice of the
-batch, and Sophia-G needs the global mean gradient and count (SPEC section
-3): the last functions here are the only cross-replica code (identities
-elsewhere; Keras's JAX and torch backends hold global arrays).
+The array math is :mod:`sophia_core`'s, the noise ``keras.random``'s, the
+derivatives the backend's (``_autodiff``). Both estimates take a function of
+*values* (as ``model.stateless_call`` gives), the form JAX needs, and a
+stateless ``seed``: a pair ``(seed, counter)`` of integers or integer tensors.
+The last functions are the only cross-replica code (a TensorFlow
+``MirroredStrategy``; identities elsewhere): Sophia-G needs the global mean
+gradient and count (SPEC section 3).
 """
 
 from __future__ import annotations
@@ -72,12 +67,11 @@ def gnb_hessian(logits_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
                 from_logits: bool = True) -> list[Any]:
     r"""Sophia-G's estimate :math:`\hat h = N \hat g \odot \hat g`, one per value.
 
-    ``logits_fn(values)`` returns logits ``(..., V)`` (with
-    ``from_logits=False``, probabilities: a softmax head). Labels are sampled
-    from them; ``mask`` (bool ``(...)``, or a function of the logits giving
-    it) marks the positions that count. :math:`\hat g` is the gradient of the
-    mean cross-entropy at the sampled labels, :math:`N` the positions
-    counted; inside a TensorFlow ``strategy.run``, the global mean and count.
+    ``logits_fn(values)`` gives logits ``(..., V)`` (probabilities with
+    ``from_logits=False``); labels are sampled from them where ``mask`` (bool
+    ``(...)``, or a function of the logits) is true. :math:`\hat g`: the
+    gradient of the mean cross-entropy at those labels; :math:`N`: the
+    positions counted (inside ``strategy.run``: global mean and count).
     """
     grads, positions = global_mean(*gnb_local(
         logits_fn, values, seed=seed, mask=mask, ignore_index=ignore_index,
@@ -88,12 +82,9 @@ def gnb_hessian(logits_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
 def hutchinson_hessian(loss_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
                        seed: Any = (0, 0), n_probes: int = 1,
                        probe: str = "gaussian") -> list[Any]:
-    r"""Sophia-H's estimate :math:`\hat h = \frac1n\sum_j u_j \odot H u_j`, one per value.
-
-    ``loss_fn(values)`` returns a scalar; ``n_probes`` probes per value of
-    distribution ``probe`` ("gaussian" or "rademacher"). Under data
-    parallelism the caller reduces the estimates over replicas.
-    """
+    r"""Sophia-H's estimate :math:`\hat h = \frac1n\sum_j u_j \odot H u_j`, one per value:
+    ``loss_fn(values)`` is a scalar; ``n_probes`` probes of distribution ``probe``
+    ("gaussian" or "rademacher"); the caller reduces over replicas."""
     sophia_core.validate_hyperparameters(n_probes=n_probes, probe=probe)
     values = list(values)
     kind, draws = "uniform" if probe == "rademacher" else "normal", n_probes * len(values)
@@ -121,11 +112,8 @@ def replicas() -> Any:
 
 
 def global_batch_rows(draw: Callable[[Any], Any], like: Any) -> Any:
-    """``draw(shape)`` noise for the rows of batch ``like``.
-
-    On several replicas each draws the noise of the whole global batch and
-    keeps its own rows: the sampled labels are the single-device ones.
-    """
+    """``draw(shape)`` noise for batch ``like``; a replica draws the whole global
+    batch's and keeps its rows (the labels one device would sample)."""
     context = replicas()
     if context is None:
         return draw(ops.shape(like))

@@ -1,12 +1,9 @@
 """Sophia's Hessian refresh inside ``model.fit``, on TensorFlow, JAX and torch.
 
-Before each training step :class:`SophiaTrainStep` asks the optimizer whether
-a refresh is due (SPEC section 2) and, if so, estimates the Hessian on the
-first ``hessian_batch_fraction`` of the batch's rows and folds it into ``h``;
-then Keras takes its own step. The estimate's forward pass runs in a
-``keras.StatelessScope``, so it changes no layer state (BatchNorm statistics,
-dropout seeds, metrics). Its noise is seeded by ``(model.sophia_seed,
-optimizer.iterations)``: a resumed run draws the same labels or probes.
+Before Keras's own step, if a refresh is due, the Hessian is estimated on the
+first ``hessian_batch_fraction`` of the batch's rows, in a ``keras.StatelessScope``
+(no layer state changes), with noise seeded by ``(model.sophia_seed,
+optimizer.iterations)``, and folded into ``h``.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ def _sophia(optimizer: Any) -> Sophia | None:
 
 
 def _single(structure: Any, what: str) -> Any:
+    """The one array in ``structure``."""
     leaves = keras.tree.flatten(structure)
     if len(leaves) != 1:
         raise ValueError(f"Sophia-G's refresh in fit needs a model with one {what}, got "
@@ -41,12 +39,9 @@ def _single(structure: Any, what: str) -> Any:
 
 
 def _loss_settings(model: Any) -> tuple[bool, int | None]:
-    """``(from_logits, ignore_class)`` of the compiled loss, for Sophia-G.
-
-    Keras's categorical cross-entropies say whether the outputs are
-    probabilities; Keras's other losses are not what the GNB estimator
-    assumes; a custom loss is taken to be a cross-entropy of logits.
-    """
+    """``(from_logits, ignore_class)`` of the compiled loss, for Sophia-G: no loss or a
+    custom one means logits; a Keras loss other than a categorical cross-entropy
+    is an error, and so is ``from_logits=True`` on a model ending in a softmax."""
     if model.loss is None:  # not compiled: a custom loop's own loss
         return True, None
     loss = _single(model.loss, "loss")
@@ -82,11 +77,8 @@ def _labels_mask(y: Any, logits: Any, ignore_index: int) -> Any:
 
 
 def _first_rows(data: Any, fraction: float) -> Any:
-    """The first :func:`sophia_core.estimate_rows` rows of every array in ``data``.
-
-    (A batch size known only at run time, in TensorFlow graphs, gets the
-    same count as a tensor.)
-    """
+    """The first :func:`sophia_core.estimate_rows` rows of every array in ``data``
+    (the same count as a tensor for a batch size known only at run time)."""
     batch = ops.shape(keras.tree.flatten(data)[0])[0]
     rows = sophia_core.estimate_rows(batch, fraction) if isinstance(batch, int) else \
         ops.maximum(1, ops.cast(ops.ceil(fraction * ops.cast(batch, "float32")), "int32"))
@@ -102,11 +94,8 @@ def _stateless(model: Any, values: list[Any], compute: Any) -> Any:
 
 
 def _estimate(model: Any, optimizer: Sophia, data: Any):
-    """``(values, local, finish)``: the estimate, split where replicas communicate.
-
-    ``local()`` is this replica's part; ``finish(parts)`` reduces over
-    replicas (TensorFlow ``MirroredStrategy``) and returns one hhat per value.
-    """
+    """``(values, local, finish)``: ``local()`` is this replica's part of the estimate,
+    ``finish(parts)`` reduces it over replicas and returns one hhat per value."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
         _first_rows(data, optimizer.hessian_batch_fraction))
     values = [v.value for v in model.trainable_variables]
@@ -140,13 +129,11 @@ def _estimate(model: Any, optimizer: Sophia, data: Any):
 
 
 def refresh_hessian(model: Any, data: Any, *, optimizer: Sophia | None = None) -> Any:
-    """Refresh Sophia's ``h`` on batch ``data`` if a refresh is due; returns ``due``.
+    """Refresh Sophia's ``h`` on ``data`` (``x``, ``(x, y)`` or ``(x, y, w)``) if due.
 
-    What :class:`SophiaTrainStep` calls before each step, for a custom
+    What :class:`SophiaTrainStep` calls before each step; call it in a custom
     ``train_step`` too (on JAX inside a ``keras.StatelessScope`` mapping the
-    model's and the optimizer's variables to the state's values). ``data``
-    is ``x``, ``(x, y)`` or ``(x, y, sample_weight)``. A model without the
-    mixin and without a compiled loss is taken to output logits.
+    model's and the optimizer's variables to the state's values). Returns ``due``.
     """
     optimizer = optimizer or _sophia(model.optimizer)
     if not model.built:  # a subclassed model before its first call (TensorFlow's fit)
@@ -181,15 +168,10 @@ def refresh_hessian(model: Any, data: Any, *, optimizer: Sophia | None = None) -
 class SophiaTrainStep:
     """Mixin for ``keras.Model``: ``fit`` refreshes Sophia's Hessian on schedule.
 
-    Put it first among the bases (``class LM(sophia_tf.SophiaTrainStep,
-    keras.Model)``) or use :class:`sophia_tf.Sequential` / :class:`sophia_tf.Model`.
-    TensorFlow, JAX and torch Keras backends; ``jit_compile`` on or off,
-    mixed precision, gradient accumulation (one refresh per window),
-    ``MirroredStrategy`` on TensorFlow. With another optimizer it changes nothing.
-
-    ``sophia_seed`` seeds the estimator's noise; ``sophia_ignore_index`` is
-    the label Sophia-G leaves out (the compiled loss's ``ignore_class``
-    comes first). Both are saved in the model's config.
+    First among the bases: ``class LM(sophia_tf.SophiaTrainStep, keras.Model)``.
+    With another optimizer it changes nothing. ``sophia_seed`` seeds the
+    estimator's noise; ``sophia_ignore_index`` is the label Sophia-G leaves
+    out (the loss's ``ignore_class`` comes first); both are saved in the config.
     """
 
     sophia_seed: int = 0

@@ -1,9 +1,8 @@
-"""Sophia as a Keras 3 optimizer: ``SophiaG`` and ``SophiaH``, on every Keras backend.
+"""``SophiaG`` and ``SophiaH``: Keras 3 optimizers, on every Keras backend.
 
-The math is :func:`sophia_core.sophia_update` and :func:`sophia_core.fold_hessian`
-(see their docstrings), run on :data:`sophia_tf.keras_namespace`. This module
-maps Keras's names onto the core's, keeps the state in optimizer variables
-(saved with the optimizer), and warns once when Sophia is not really running.
+The math is :func:`sophia_core.sophia_update` and :func:`sophia_core.fold_hessian`,
+run on :data:`sophia_tf.keras_namespace`; this module maps names, keeps the
+state in optimizer variables and warns once when Sophia is not really running.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ REFRESH_FIX = ("Refresh h inside fit with one line: build the model as sophia_tf
                "or sophia_tf.Model, or add the mixin sophia_tf.SophiaTrainStep to its class; "
                "in a custom loop call optimizer.update_hessian(...) when "
                "optimizer.hessian_refresh_due().")
-#: What a fold counts: the portable state's name -> the optimizer variable's attribute.
+#: What a fold counts: the portable state's name -> the optimizer's attribute.
 _COUNTERS = {"hessian_refreshes": "hessian_refreshes", "gamma": "current_gamma",
              "rejected_hessian_coordinates": "rejected_hessian_coordinates",
              "sign_momentum_streak": "sign_momentum_streak", "unclipped_share": "unclipped_share"}
@@ -53,28 +52,19 @@ def _numpy(value: Any) -> Any:
 class Sophia(keras.optimizers.Optimizer):
     """Sophia (Liu et al., 2024): clipped, Hessian-preconditioned momentum.
 
-    The update is :func:`sophia_core.sophia_update` and the Hessian fold
-    :func:`sophia_core.fold_hessian`; arguments map to the core's names as in
-    :data:`KERAS_NAMES` and are checked by
-    :func:`sophia_core.validate_hyperparameters` at construction, in
-    ``from_config`` and on assignment (``optimizer.gamma = 0.05``). The
-    defaults are ``sophia_core.DEFAULTS``. ``learning_rate`` may be a float,
-    a ``LearningRateSchedule`` or a callable.
-
-    ``weight_decay`` is Sophia's decoupled decay inside the update (``None``
-    means 0); Keras's own decay pass is off, and ``exclude_from_weight_decay``
-    works as for every Keras optimizer. ``h`` changes only when an estimate
-    is folded in: inside ``fit`` with :class:`sophia_tf.SophiaTrainStep` (on
-    ``hessian_batch_fraction`` of each due batch), or by :meth:`update_hessian`.
-    ``require_refresh`` warns once when more than ``hessian_interval`` steps
-    pass without any estimate; ``warn_sign_momentum`` warns once when the
-    ``unclipped_share`` stays below 10 % (:func:`sophia_core.sign_momentum_regime`).
-
-    After ``build``, optimizer variables (saved with the optimizer) report:
-    ``hessian_refreshes`` (folds so far), ``rejected_hessian_coordinates``
-    (estimate coordinates kept out of ``h``: not finite), ``current_gamma``
-    (``gamma``, or the one ``target_unclipped_share`` set last),
-    ``unclipped_share`` (at the last refresh) and ``sign_momentum_streak``.
+    Arguments map to the core's names as in :data:`KERAS_NAMES`, default to
+    ``sophia_core.DEFAULTS`` and are checked by
+    :func:`sophia_core.validate_hyperparameters`, also in ``from_config`` and
+    on assignment (``optimizer.gamma = 0.05``). ``learning_rate`` may be a
+    float, a ``LearningRateSchedule`` or a callable; ``weight_decay`` is
+    Sophia's decoupled decay (``None`` means 0; Keras's own pass is off;
+    ``exclude_from_weight_decay`` works). ``h`` changes only when an estimate
+    is folded in: in ``fit`` with :class:`sophia_tf.SophiaTrainStep`, or by
+    :meth:`update_hessian`. After ``build``, optimizer variables report
+    ``hessian_refreshes``, ``rejected_hessian_coordinates`` (non-finite
+    estimate coordinates kept out of ``h``), ``current_gamma`` (``gamma``, or
+    the one ``target_unclipped_share`` set last), ``unclipped_share`` (at the
+    last refresh) and ``sign_momentum_streak``.
     """
 
     #: Which estimator refreshes ``h`` in ``fit`` ("gnb" or "hutchinson").
@@ -108,24 +98,22 @@ class Sophia(keras.optimizers.Optimizer):
             learning_rate = float(learning_rate)  # Keras takes Python floats only
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, name=name,
                          **kwargs)
-        vars(self).update(settings)  # validated above; later assignments in __setattr__
+        vars(self).update(settings)  # validated; later assignments go through __setattr__
         self._warned: set[str] = set()  # the warnings given (once per optimizer)
         self._host_checks_dropped = False  # a check compiled where no host call fits
 
     def __setattr__(self, name, value):
-        if name in _SETTINGS:  # optimizer.gamma = 0.05 is validated too
+        if name in _SETTINGS:
             sophia_core.validate_hyperparameters(**{_CORE_NAMES[name]: value})
         super().__setattr__(name, value)
 
-    # -- state ---------------------------------------------------------------
-
     def build(self, var_list):
-        """Create ``m`` and ``h`` per variable (float32 for narrow ones) and the counters."""
+        """``m`` and ``h`` per variable (float32 for narrow ones), and the counters."""
         if self.built:
             return
         super().build(var_list)
-        dtypes = [keras.backend.standardize_dtype(v.dtype) for v in var_list]
-        dtypes = ["float32" if d in ("float16", "bfloat16") else d for d in dtypes]
+        dtypes = ["float32" if d in ("float16", "bfloat16") else d
+                  for d in (keras.backend.standardize_dtype(v.dtype) for v in var_list)]
         for dtype in set(dtypes):
             sophia_core.check_eps(self.epsilon, xp.float64 if dtype == "float64" else xp.float32,
                                   xp=xp, gamma=self.gamma)
@@ -135,9 +123,8 @@ class Sophia(keras.optimizers.Optimizer):
                                      aggregation="only_first_replica", **options)
 
         self._momentums, self._hessians = (
-            [slot(f"{v.path.replace('/', '_')}_{kind}", v.shape, dtype)
-             for v, dtype in zip(var_list, dtypes, strict=True)] for kind in ("momentum",
-                                                                              "hessian"))
+            [slot(f"{v.path.replace('/', '_')}_{kind}", v.shape, d)
+             for v, d in zip(var_list, dtypes, strict=True)] for kind in ("momentum", "hessian"))
         self._names = [v.path.replace("/", ".") for v in var_list]
         self.hessian_refreshes = slot("hessian_refreshes")
         self.rejected_hessian_coordinates = slot("rejected_hessian_coordinates")
@@ -159,13 +146,10 @@ class Sophia(keras.optimizers.Optimizer):
         """Off: Sophia's decoupled weight decay is inside the core update."""
 
     def _exact_count(self, count):
-        """A count the core raises ``b1`` or ``b2`` to: float64 rounds it once, as numpy."""
+        """A count the core raises ``b1`` or ``b2`` to: float64, rounded once as numpy."""
         return ops.cast(count, self._exact)
 
-    # -- the step ------------------------------------------------------------
-
     def update_step(self, gradient, variable, learning_rate):
-        """One Sophia step for ``variable``: :func:`sophia_core.sophia_update`."""
         m, h = self.sophia_slots(variable)
         param = ops.convert_to_tensor(variable)  # a Keras or, on TensorFlow, a tf variable
         gamma = self.gamma if self.target_unclipped_share is None else ops.cast(
@@ -185,8 +169,7 @@ class Sophia(keras.optimizers.Optimizer):
         self._check_refreshes()
 
     def finalize_variable_values(self, var_list):
-        """End of ``fit``: also the warnings compiled code could not give (XLA has no
-        host calls on TensorFlow)."""
+        """End of ``fit``: also the warnings an XLA cluster (no host calls) could not give."""
         super().finalize_variable_values(var_list)
         if self._host_checks_dropped:
             self._check_refreshes()
@@ -194,13 +177,9 @@ class Sophia(keras.optimizers.Optimizer):
                 host_call_if(self.sign_momentum_streak.value >= sophia_core.SIGN_MOMENTUM_PATIENCE,
                              self._warn_sign_momentum, self.unclipped_share.value)
 
-    # -- the Hessian ---------------------------------------------------------
-
     def hessian_refresh_due(self):
-        """Whether ``h`` is due a refresh now (a bool tensor; SPEC section 2).
-
-        With ``gradient_accumulation_steps``: on the first micro-batch of a window.
-        """
+        """Whether ``h`` is due a refresh now (a bool tensor; SPEC section 2); with
+        ``gradient_accumulation_steps``, on the first micro-batch of a window."""
         due = sophia_core.refresh_due(ops.convert_to_tensor(self.iterations),
                                       hessian_interval=self.hessian_interval,
                                       refresh_at_start=self.refresh_at_start)
@@ -209,11 +188,8 @@ class Sophia(keras.optimizers.Optimizer):
         return due
 
     def update_hessian(self, hhats, *, variables=None):
-        """Fold Hessian estimates into ``h`` now (the caller decides when).
-
-        ``hhats`` is a list parallel to ``variables`` (default: those the
-        optimizer was built with); ``None`` entries keep their ``h``.
-        """
+        """Fold estimates into ``h`` now: ``hhats`` parallel to ``variables`` (default:
+        those the optimizer was built with), ``None`` keeping that ``h``."""
         if not self.built:
             raise ValueError("build the optimizer (or take a step) before update_hessian")
         self.assign_hessian_state(self.folded_hessian_state(hhats, variables=variables))
@@ -223,18 +199,17 @@ class Sophia(keras.optimizers.Optimizer):
         return [*self._hessians, *(getattr(self, a) for a in _COUNTERS.values())]
 
     def assign_hessian_state(self, values) -> None:
-        """Write values from :meth:`folded_hessian_state` into :meth:`hessian_state`."""
+        """Write :meth:`folded_hessian_state`'s values into :meth:`hessian_state`."""
         for variable, value in zip(self.hessian_state(), values, strict=True):
             self.assign(variable, value)
 
     def folded_hessian_state(self, hhats, *, variables=None, where=None) -> list[Any]:
-        """The values of :meth:`hessian_state` after folding ``hhats`` (nothing written).
+        """The values of :meth:`hessian_state` after folding ``hhats``, nothing written.
 
-        A coordinate whose estimate is not finite keeps its ``h`` and is
-        counted. After the fold: gamma from ``target_unclipped_share`` (if
-        set), the unclipped share, the sign-momentum detector. ``where`` (a
-        bool tensor): whether the result will be used (a masked fold warns
-        only then). The functional form is what a JAX train step needs.
+        (The form a JAX train step needs.) After the fold: gamma from
+        ``target_unclipped_share`` (if set), the unclipped share, the
+        sign-momentum detector; ``where`` (a bool tensor) says whether the
+        result will be used (its warning waits for it).
         """
         hhats, count = list(hhats), len(self._hessians if variables is None else variables)
         if len(hhats) != count:
@@ -246,41 +221,38 @@ class Sophia(keras.optimizers.Optimizer):
         for h, hhat in zip(self._hessians, hhats, strict=True):
             if hhat is not None:  # every estimate is checked before anything is computed
                 sophia_core.check_same_shape("h", h, "hhat", hhat)
-        old = {key: getattr(self, a).value for key, a in _COUNTERS.items()}
-        refreshes, rejected, hs = old["hessian_refreshes"] + 1, old[
-            "rejected_hessian_coordinates"], []
+        new = {key: getattr(self, a).value for key, a in _COUNTERS.items()}
+        new["hessian_refreshes"] = new["hessian_refreshes"] + 1  # not +=: tf.Variable
+        hs = []
         for h, hhat in zip(self._hessians, hhats, strict=True):
-            if hhat is None:
-                hs.append(h.value)
-                continue
-            fold = sophia_core.fold_hessian(
-                h.value, ops.convert_to_tensor(hhat), b2=self.beta_2,
-                refresh=self._exact_count(refreshes), bias_correction=self.hessian_bias_correction,
-                xp=xp)
-            hs.append(fold.h)
-            rejected = rejected + ops.cast(fold.rejected, rejected.dtype)
+            fold = None if hhat is None else sophia_core.fold_hessian(
+                h.value, ops.convert_to_tensor(hhat), b2=self.beta_2, xp=xp,
+                refresh=self._exact_count(new["hessian_refreshes"]),
+                bias_correction=self.hessian_bias_correction)
+            hs.append(h.value if fold is None else fold.h)
+            if fold is not None:
+                rejected = new["rejected_hessian_coordinates"]
+                new["rejected_hessian_coordinates"] = rejected + ops.cast(fold.rejected,
+                                                                          rejected.dtype)
         ms = [m.value for m in self._momentums]
         moments = dict(b1=self.beta_1, step=self._exact_count(ops.maximum(self.iterations, 1)),
                        bias_correction=self.bias_correction, xp=xp)
-        gamma = ops.convert_to_tensor(self.gamma, old["gamma"].dtype)
-        if self.target_unclipped_share is not None:
-            gamma = sophia_core.gamma_for_unclipped_share(
-                ms, hs, target=self.target_unclipped_share, gamma=old["gamma"],
+        if self.target_unclipped_share is None:
+            new["gamma"] = ops.convert_to_tensor(self.gamma, new["gamma"].dtype)
+        else:
+            new["gamma"] = sophia_core.gamma_for_unclipped_share(
+                ms, hs, target=self.target_unclipped_share, gamma=new["gamma"],
                 clip_threshold=self.clip_threshold, **moments)
         share = sophia_core.unclipped_share(
-            ms, hs, gamma=self.gamma if self.target_unclipped_share is None else gamma,
+            ms, hs, gamma=self.gamma if self.target_unclipped_share is None else new["gamma"],
             eps=self.epsilon, clip_threshold=self.clip_threshold, **moments)
-        streak, warn = sophia_core.sign_momentum_regime(
-            old["sign_momentum_streak"], share, refreshes=refreshes, xp=xp)
+        new["sign_momentum_streak"], warn = sophia_core.sign_momentum_regime(
+            new["sign_momentum_streak"], share, refreshes=new["hessian_refreshes"], xp=xp)
+        new["unclipped_share"] = ops.cast(share, "float32")
         if self.warn_sign_momentum and "sign_momentum" not in self._warned:
             self._host_checks_dropped |= not host_call_if(
                 warn if where is None else warn & where, self._warn_sign_momentum, share)
-        new = {"hessian_refreshes": refreshes, "rejected_hessian_coordinates": rejected,
-               "gamma": gamma, "sign_momentum_streak": streak,
-               "unclipped_share": ops.cast(share, "float32")}
-        return [*hs, *(new[key] for key in _COUNTERS)]
-
-    # -- warnings (host side, once per optimizer) ----------------------------
+        return [*hs, *new.values()]
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -295,7 +267,7 @@ class Sophia(keras.optimizers.Optimizer):
                         sophia_core.missing_refresh_message(int(steps), REFRESH_FIX))
 
     def _check_refreshes(self) -> None:
-        """Warn (once) when more than k steps passed without any Hessian estimate."""
+        """Warn once when more than k steps passed without any Hessian estimate."""
         if not self.built or not self.require_refresh or "missing_refresh" in self._warned:
             return
         steps = ops.convert_to_tensor(self.iterations)
@@ -304,13 +276,12 @@ class Sophia(keras.optimizers.Optimizer):
             refresh_at_start=self.refresh_at_start)
         self._host_checks_dropped |= not host_call_if(missing, self._warn_missing_refresh, steps)
 
-    # -- config and portable state (sophia_core.portable, no pickle) ---------
-
     def get_config(self):
         return {**super().get_config(), **{name: getattr(self, name) for name in _SETTINGS}}
 
     def export_state(self, path) -> None:
-        """Write step, ``m``, ``h`` and the counters, named by variable path ("/" -> ".")."""
+        """Write step, ``m``, ``h`` and the counters (``sophia_core.portable``, no
+        pickle), named by variable path ("/" becomes ".")."""
         if not self.built:
             raise ValueError("build the optimizer before export_state")
         hyperparameters = {core: getattr(self, name) for name, core in _CORE_NAMES.items()
@@ -323,11 +294,10 @@ class Sophia(keras.optimizers.Optimizer):
             counters={key: _numpy(getattr(self, a)).item() for key, a in _COUNTERS.items()})
 
     def import_state(self, path) -> None:
-        """Restore what :meth:`export_state` wrote; hyperparameters stay this optimizer's.
+        """Restore what :meth:`export_state` wrote (hyperparameters stay this optimizer's).
 
-        Tensors are matched by name, or by position in files with positional
-        names ("0", "1", ...: version 1, or saved without names). With
-        ``gradient_accumulation_steps`` the step starts a new window.
+        By name, or by position for positional names ("0", "1", ...: version 1).
+        With ``gradient_accumulation_steps`` the step starts a new window.
         """
         if not self.built:
             raise ValueError("build the optimizer before import_state")
@@ -351,23 +321,18 @@ class Sophia(keras.optimizers.Optimizer):
 
 @keras.saving.register_keras_serializable(package="sophia_tf")
 class SophiaG(Sophia):
-    """Sophia-G: ``h`` refreshed by the Gauss-Newton-Bartlett estimator.
-
-    In ``fit`` (:class:`sophia_tf.SophiaTrainStep`) by :func:`sophia_tf.gnb_hessian`
-    on the model's logits, or probabilities when the compiled loss says
-    ``from_logits=False``; in a custom loop, pass its result to :meth:`update_hessian`.
-    """
+    """Sophia-G: ``h`` refreshed by the Gauss-Newton-Bartlett estimator,
+    :func:`sophia_tf.gnb_hessian` (in ``fit``: on the model's logits, or on
+    its probabilities when the compiled loss says ``from_logits=False``)."""
 
     estimator = "gnb"
 
 
 @keras.saving.register_keras_serializable(package="sophia_tf")
 class SophiaH(Sophia):
-    """Sophia-H: ``h`` refreshed by Hutchinson's estimator on any loss.
-
-    ``n_probes`` probes of distribution ``probe`` ("gaussian" or "rademacher")
-    per refresh (:func:`sophia_tf.hutchinson_hessian`; in ``fit``, on the compiled loss).
-    """
+    """Sophia-H: ``h`` refreshed by Hutchinson's estimator on any loss,
+    :func:`sophia_tf.hutchinson_hessian` with ``n_probes`` probes of
+    distribution ``probe`` ("gaussian" or "rademacher")."""
 
     estimator = "hutchinson"
 
