@@ -95,6 +95,19 @@ def test_plain_fit_without_the_refresh_warns_once_naming_the_fix(jit):
     assert not [w for w in caught if "Hessian estimate" in str(w.message)]
 
 
+@pytest.mark.parametrize("jit", JIT, ids=lambda j: f"jit={j}")
+def test_sign_momentum_regime_warns_once_from_fit(jit):
+    # gamma tiny: every step clipped, for more than warmup + patience refreshes.
+    model = language_model(sophia_tf.SophiaG(learning_rate=0.01, gamma=1e-9, hessian_interval=1),
+                           jit_compile=jit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(TOKENS, NEXT, batch_size=2, epochs=1, verbose=0)  # 24 refreshes
+    messages = [str(w.message) for w in caught if "sign momentum" in str(w.message)]
+    assert len(messages) == 1 and "warn_sign_momentum=False" in messages[0]
+    assert float(numpy_of(model.optimizer.unclipped_share)) < 0.1
+
+
 def test_gradient_accumulation_refreshes_once_per_window():
     model = language_model(sophia_tf.SophiaH(learning_rate=0.02, hessian_interval=2,
                                              gradient_accumulation_steps=2))
