@@ -48,7 +48,7 @@ def gnb_local(logits_fn: Callable[[list[Any]], Any], values: Sequence[Any], *,
         outputs = logits_fn(values)
         # Probabilities p: log p are logits (softmax(log p) = p), clipped as Keras's CE does.
         logits = outputs if from_logits else ops.log(
-            ops.clip(outputs, keras.config.epsilon(), 1.0))
+            xp.clip(outputs, min=keras.config.epsilon(), max=1.0))
         z = ops.stop_gradient(logits)
         uniform = global_batch_rows(lambda shape: noise(
             "uniform", shape, sophia_core.compute_dtype(z.dtype, xp=xp), seed), z)

@@ -25,6 +25,7 @@ from sophia_core import NAMESPACE_FUNCTIONS
 
 __all__ = ["keras_namespace"]
 
+
 def _native(name: str):
     """The backend's dtype object for ``name`` (numpy's float64 on JAX without x64)."""
     with warnings.catch_warnings():
