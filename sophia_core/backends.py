@@ -6,7 +6,7 @@ can load it by path before anything is installed.
 A *namespace* backend is an array library whose array-API namespace the core
 runs on. An *adapter* backend is a framework with a package in ``backends/``.
 A framework can be both (torch, jax); TensorFlow is an adapter only (it has
-no array-API namespace; ``sophia_tf`` carries a shim).
+no array-API namespace; ``sophia_tf`` runs the core on ``keras.ops``).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ BACKENDS: tuple[Backend, ...] = (
         requirements=("tensorflow-cpu", "keras>=3"),
         adapter="sophia_tf",
         extra="tensorflow",
-        # sophia_tf's optimizer also runs on Keras's JAX and torch backends:
-        # the session installs both so those tests run instead of skipping.
+        # sophia_tf runs on Keras's JAX and torch backends too: the session
+        # installs both, and tests/adapter_tensorflow runs its backend-neutral
+        # tests and the conformance suite on each (in subprocesses).
         test_requirements=("jax", "torch==2.13.0"),
     ),
 )

@@ -1,45 +1,55 @@
-"""TensorFlow/Keras: ``sophia_tf.SophiaG`` on Keras variables.
+"""Keras 3: ``sophia_tf.SophiaG`` on Keras variables, on this process's Keras backend.
 
-A scenario runs as one ``tf.function`` loop over ``apply_gradients`` and
-``update_hessian`` (eager dispatch per step would dominate the run); the
-protocol methods run eagerly.
-A schedule is a ``keras.optimizers.schedules.LearningRateSchedule``. State
-is read with ``opt.sophia_slots(variable)`` and ``opt.iterations``.
+The registry's ``tensorflow`` entry is the Keras adapter. Keras picks its
+backend once per process from ``KERAS_BACKEND`` (TensorFlow when unset), so
+``KERAS_BACKEND=jax python -m conformance --backends tensorflow`` certifies
+the same optimizer on Keras's JAX backend (and ``torch`` on torch);
+``tests/adapter_tensorflow`` runs all three. The driver uses ``keras.ops``
+only, except to compile a whole run: one ``tf.function`` loop on
+TensorFlow, a ``jax.jit`` step over ``stateless_apply`` on JAX (torch runs
+eagerly). A schedule is a ``keras.optimizers.schedules.LearningRateSchedule``.
+State is read with ``opt.sophia_slots(variable)``, ``opt.iterations`` and
+the counter properties.
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 import sophia_tf
+from sophia_tf._autodiff import grad_and_aux, hvp
 
 from ..scenarios import state_dtype
 from . import Driver, Snapshot, Trajectory
 
-# One optimizer, hence one trace, per scenario: the retracing warning is expected.
-tf.get_logger().setLevel("ERROR")
+BACKEND = keras.backend.backend()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # One optimizer, hence one trace, per scenario: the retracing warning is expected.
+    tf.get_logger().setLevel("ERROR")
 
 
 class _TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The scenario's per-step learning rates, looked up by the iteration count."""
 
     def __init__(self, table: np.ndarray) -> None:
-        self.table = tf.constant(table, dtype=tf.float64)
+        self.table = ops.convert_to_tensor(table)  # float64 (float32 on JAX without x64)
 
     def __call__(self, step):
-        return tf.gather(self.table, tf.cast(step, tf.int64))  # float64: Keras casts
+        return ops.take(self.table, ops.cast(step, "int32"))
 
     def get_config(self):
-        return {"table": self.table.numpy().tolist()}
+        return {"table": ops.convert_to_numpy(self.table).tolist()}
 
 
 def _numpy(value) -> np.ndarray:
-    tensor = tf.convert_to_tensor(value)
-    if tensor.dtype == tf.bfloat16:
-        tensor = tf.cast(tensor, tf.float32)
-    return np.array(tensor.numpy(), copy=True)
+    tensor = ops.convert_to_tensor(value)
+    if keras.backend.standardize_dtype(tensor.dtype) == "bfloat16":
+        tensor = ops.cast(tensor, "float32")
+    return np.array(ops.convert_to_numpy(tensor), copy=True)
 
 
 class TensorflowDriver(Driver):
@@ -48,21 +58,28 @@ class TensorflowDriver(Driver):
     dtypes = ("float64", "float32", "bfloat16", "float16")
 
     def expected_mode(self, scenario, dtype):
-        if scenario.name == "tiny_gradients" and dtype != "float64":
+        if BACKEND == "tensorflow" and scenario.name == "tiny_gradients" and dtype != "float64":
             return ("tolerance", "TensorFlow graph kernels (tf.function) flush subnormal "
                     "results to zero (FTZ); eager ones do not")
-        if scenario.hyperparameters.get("bias_correction"):
-            return ("tolerance", "1 - b1**t with the iteration variable as step runs in "
-                    "the parameter dtype (numpy: Python float64 power, then one rounding)")
+        if BACKEND == "jax" and scenario.name == "tiny_gradients" and dtype != "float64":
+            return "tolerance", "XLA's CPU code flushes subnormal results to zero (FTZ)"
+        if scenario.hyperparameters.get("hessian_bias_correction") and dtype != "float64":
+            return ("tolerance", "the refresh count is a variable: fold_hessian rounds the "
+                    "decay to the state dtype before forming 1 - decay (numpy: Python "
+                    "float64, then one rounding)")
         return super().expected_mode(scenario, dtype)
 
     def _tensor(self, array, dtype):
-        return tf.cast(tf.constant(np.array(array, dtype=state_dtype(dtype))), dtype)
+        return ops.cast(ops.convert_to_tensor(np.array(array, dtype=state_dtype(dtype))), dtype)
 
     def init(self, params, dtype, hyper, learning_rates=None):
         self.dtype = dtype
-        self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=f"p{i}")
-                          for i, p in enumerate(params)]
+        self.hyper = hyper
+        # Keras on torch cannot hold trainable integer variables: the error
+        # case hands the optimizer non-trainable ones.
+        trainable = "float" in dtype
+        self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=f"p{i}",
+                                         trainable=trainable) for i, p in enumerate(params)]
         lr = hyper.lr if learning_rates is None else _TableSchedule(learning_rates)
         # Keras keeps the learning rate in a variable of dtype floatx: a float64
         # model sets floatx to float64, as a Keras user training in float64 does.
@@ -74,14 +91,14 @@ class TensorflowDriver(Driver):
                 weight_decay=hyper.weight_decay, epsilon=hyper.eps,
                 clip_threshold=hyper.clip_threshold, hessian_interval=hyper.hessian_interval,
                 refresh_at_start=hyper.refresh_at_start, bias_correction=hyper.bias_correction,
-                maximize=hyper.maximize,
+                maximize=hyper.maximize, hessian_bias_correction=hyper.hessian_bias_correction,
+                target_unclipped_share=hyper.target_unclipped_share,
+                require_refresh=False, warn_sign_momentum=False,  # scenarios are no training
             )
             self.opt.build(self.variables)
         finally:
             keras.config.set_floatx(floatx)
 
-    # The protocol calls run eagerly (short runs: errors, estimators, portable
-    # state); ``run`` compiles the 1,000-step loop.
     def refresh(self, hhats):
         self.opt.update_hessian([self._tensor(h, state_dtype(self.dtype)) for h in hhats])
 
@@ -89,66 +106,103 @@ class TensorflowDriver(Driver):
         self.opt.apply_gradients(
             zip([self._tensor(g, self.dtype) for g in grads], self.variables, strict=True))
 
+    def _counters(self) -> dict[str, float]:
+        counters = {"hessian_refreshes": int(_numpy(self.opt.hessian_refreshes)),
+                    "rejected_hessian_coordinates": int(_numpy(
+                        self.opt.rejected_hessian_coordinates))}
+        if self.hyper.target_unclipped_share is not None:
+            counters["gamma"] = float(_numpy(self.opt.current_gamma))
+        return counters
+
     def read(self):
         slots = [self.opt.sophia_slots(v) for v in self.variables]
-        return Snapshot(
-            params=[_numpy(v) for v in self.variables],
-            ms=[_numpy(m) for m, _ in slots],
-            hs=[_numpy(h) for _, h in slots],
-            step=int(_numpy(self.opt.iterations)),
-        )
+        return Snapshot(params=[_numpy(v) for v in self.variables],
+                        ms=[_numpy(m) for m, _ in slots], hs=[_numpy(h) for _, h in slots],
+                        step=int(_numpy(self.opt.iterations)), counters=self._counters())
 
     def run(self, streams, *, start=0, stop=None, init=True):
-        """The whole run as one ``tf.function`` loop over the public calls.
-
-        ``update_hessian`` (under ``tf.cond`` when a refresh is due) and
-        ``apply_gradients`` inside ``tf.range``: one trace per scenario
-        instead of a Python dispatch per step.
-        """
-        if not init or start != 0 or stop is not None:
+        """The whole run compiled (TensorFlow, JAX) over the public calls."""
+        if BACKEND not in ("tensorflow", "jax") or not init or start != 0 or stop is not None:
             return super().run(streams, start=start, stop=stop, init=init)
         self.init(streams.params, streams.dtype, streams.scenario.hyper(),
                   streams.learning_rates)
-        dtype, steps = streams.dtype, streams.steps
+        dtype = streams.dtype
         grads = [self._tensor(g, dtype) for g in streams.grads]
         hhats = [self._tensor(h, state_dtype(dtype)) for h in streams.hhats_per_step()]
-        due = tf.constant(np.isin(np.arange(steps), streams.refresh_steps))
-        variables, opt = self.variables, self.opt
-        slots = [opt.sophia_slots(v) for v in variables]
-
-        @tf.function
-        def loop(grads, hhats, due):
-            n = tf.shape(due)[0]
-            out = {
-                "p": [tf.TensorArray(v.dtype, size=n) for v in variables],
-                "m": [tf.TensorArray(m.dtype, size=n) for m, _ in slots],
-                "h": [tf.TensorArray(h.dtype, size=n) for _, h in slots],
-                "t": tf.TensorArray(tf.int64, size=n),
-            }
-            for t in tf.range(n):
-                if due[t]:
-                    opt.update_hessian([h[t] for h in hhats])
-                opt.apply_gradients(zip([g[t] for g in grads], variables, strict=True))
-                out = {
-                    "p": [a.write(t, v.value) for a, v in zip(out["p"], variables, strict=True)],
-                    "m": [a.write(t, m.value) for a, (m, _) in zip(out["m"], slots, strict=True)],
-                    "h": [a.write(t, h.value) for a, (_, h) in zip(out["h"], slots, strict=True)],
-                    "t": out["t"].write(t, tf.cast(opt.iterations, tf.int64)),
-                }
-            return {k: [a.stack() for a in v] if isinstance(v, list) else v.stack()
-                    for k, v in out.items()}
-
-        result = loop(grads, hhats, due)
-        return Trajectory(params=[_numpy(x) for x in result["p"]],
-                          ms=[_numpy(x) for x in result["m"]],
-                          hs=[_numpy(x) for x in result["h"]],
-                          steps=_numpy(result["t"]).astype(np.int64))
+        due = np.isin(np.arange(streams.steps), streams.refresh_steps)
+        run = _tensorflow_run if BACKEND == "tensorflow" else _jax_run
+        record = run(self.opt, self.variables, grads, hhats, due)
+        counters = {"hessian_refreshes": record["refreshes"].astype(np.float64),
+                    "rejected_hessian_coordinates": record["rejected"].astype(np.float64)}
+        if self.hyper.target_unclipped_share is not None:
+            counters["gamma"] = record["gamma"].astype(np.float64)
+        return Trajectory(params=record["p"], ms=record["m"], hs=record["h"],
+                          steps=record["t"].astype(np.int64), counters=counters)
 
     def export_state(self, path):
         self.opt.export_state(path)
 
     def import_state(self, path):
         self.opt.import_state(path)
+
+
+def _state(opt, variables):
+    """What a run records after every step."""
+    slots = [opt.sophia_slots(v) for v in variables]
+    return {"p": [v.value for v in variables], "m": [m.value for m, _ in slots],
+            "h": [h.value for _, h in slots], "t": ops.convert_to_tensor(opt.iterations),
+            "refreshes": opt.hessian_refreshes.value,
+            "rejected": opt.rejected_hessian_coordinates.value, "gamma": opt.current_gamma.value}
+
+
+def _tensorflow_run(opt, variables, grads, hhats, due):
+    """One ``tf.function`` loop: ``update_hessian`` when due, ``apply_gradients``."""
+
+    @tf.function
+    def loop(grads, hhats, due):
+        n = tf.shape(due)[0]
+        record = tf.nest.map_structure(lambda x: tf.TensorArray(x.dtype, size=n),
+                                       _state(opt, variables))
+        for t in tf.range(n):
+            if due[t]:
+                opt.update_hessian([h[t] for h in hhats])
+            opt.apply_gradients(zip([g[t] for g in grads], variables, strict=True))
+            record = tf.nest.map_structure(lambda a, x, t=t: a.write(t, x), record,
+                                           _state(opt, variables))
+        return tf.nest.map_structure(lambda a: a.stack(), record)
+
+    return tf.nest.map_structure(_numpy, loop(grads, hhats, tf.constant(due)))
+
+
+def _jax_run(opt, variables, grads, hhats, due):
+    """A ``jax.jit`` step over the optimizer's stateless form, one call per step."""
+    import jax
+
+    @jax.jit
+    def step(optimizer_values, values, grads_t, hhats_t, due_t):
+        mapping = list(zip(opt.variables, optimizer_values, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            current = [v.value for v in opt.hessian_state()]
+            opt.assign_hessian_state(ops.cond(
+                due_t, lambda: opt.folded_hessian_state(hhats_t), lambda: current))
+        optimizer_values = [scope.get_current_value(v) for v in opt.variables]
+        values, optimizer_values = opt.stateless_apply(optimizer_values, grads_t, values)
+        mapping = list(zip([*variables, *opt.variables], [*values, *optimizer_values],
+                           strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            return optimizer_values, values, _state(opt, variables)
+
+    optimizer_values, values = [v.value for v in opt.variables], [v.value for v in variables]
+    records = []
+    for t in range(len(due)):
+        optimizer_values, values, record = step(
+            optimizer_values, values, [g[t] for g in grads], [h[t] for h in hhats],
+            bool(due[t]))
+        records.append(record)
+    for variable, value in zip([*variables, *opt.variables], [*values, *optimizer_values],
+                               strict=True):
+        variable.assign(value)
+    return jax.tree.map(lambda *xs: _numpy(np.stack([_numpy(x) for x in xs])), *records)
 
 
 DRIVER = TensorflowDriver
@@ -158,8 +212,20 @@ def _host_skip_check(driver: TensorflowDriver) -> str:
     v = keras.Variable(np.array([1.0, -2.0, 3.0], np.float32), name="skip_check")
     inner = sophia_tf.SophiaG(learning_rate=1e-2, hessian_interval=1)
     opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 4)
-    opt.apply_gradients([(tf.constant([0.5, -0.5, 1.0]), v)])
-    inner.update_hessian([tf.ones(3)])
+    opt.build([v])
+
+    def apply(gradient):  # on JAX, Keras's LossScaleOptimizer works statelessly only
+        if BACKEND != "jax":
+            opt.apply_gradients([(gradient, v)])
+            return
+        values, optimizer_values = opt.stateless_apply(
+            [x.value for x in opt.variables], [gradient], [v.value])
+        for variable, value in zip([v, *opt.variables], [*values, *optimizer_values],
+                                   strict=True):
+            variable.assign(value)
+
+    apply(ops.convert_to_tensor([0.5, -0.5, 1.0]))
+    inner.update_hessian([ops.ones(3)])
 
     def snapshot():
         m, h = inner.sophia_slots(v)
@@ -168,7 +234,7 @@ def _host_skip_check(driver: TensorflowDriver) -> str:
     before = snapshot()
     for bad in (np.nan, np.inf):
         scale = float(_numpy(opt.dynamic_scale))
-        opt.apply_gradients([(tf.constant([0.5, bad, 1.0]), v)])
+        apply(ops.convert_to_tensor([0.5, bad, 1.0]))
         assert float(_numpy(opt.dynamic_scale)) < scale, "scale not reduced: step not skipped"
         after = snapshot()
         assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)), \
@@ -179,46 +245,41 @@ def _host_skip_check(driver: TensorflowDriver) -> str:
 TensorflowDriver.host_skip_check = _host_skip_check
 
 
-class TensorflowModelOps:
-    """The estimator model in TF ops, differentiated with tf.GradientTape."""
+class KerasModelOps:
+    """The estimator model in ``keras.ops``, differentiated by the adapter's autodiff."""
+
+    xp = sophia_tf.keras_namespace
 
     def __init__(self, dtype: str) -> None:
-        self.xp = sophia_tf.tf_namespace
-        self.dtype = tf.as_dtype(dtype)
+        self.dtype = dtype
 
     def tensor(self, array):
-        return tf.constant(np.asarray(array), dtype=self.dtype)
+        return ops.convert_to_tensor(np.asarray(array), self.dtype)
 
     def labels(self, array):
-        return tf.constant(np.asarray(array))
+        return ops.convert_to_tensor(np.asarray(array))
 
     def params(self, arrays):
         return [self.tensor(a) for a in arrays]
 
     def logits(self, params, x):
+        # Keras 3.15 computes float64 in float32 in ops.tanh (JAX) and
+        # ops.matmul (torch): ``@`` and tanh from exp keep the dtype.
         w1, b1, w2, b2 = params
-        return tf.matmul(tf.tanh(tf.matmul(x, w1) + b1), w2) + b2
+        hidden = 1.0 - 2.0 / (ops.exp(2.0 * (x @ w1 + b1)) + 1.0)
+        return hidden @ w2 + b2
 
     def grad(self, fn, params):
-        with tf.GradientTape() as tape:
-            tape.watch(params)
-            loss = fn(params)
-        return tape.gradient(loss, params)
+        return grad_and_aux(lambda q: (fn(q), ()), params)[0]
 
     def hvp(self, fn, params, vectors):
-        with tf.GradientTape() as outer:
-            outer.watch(params)
-            with tf.GradientTape() as inner:
-                inner.watch(params)
-                loss = fn(params)
-            grads = inner.gradient(loss, params)
-        return outer.gradient(grads, params, output_gradients=vectors)
+        return hvp(fn, params, vectors)
 
     def stop_gradient(self, tensor):
-        return tf.stop_gradient(tensor)
+        return ops.stop_gradient(tensor)
 
     def numpy(self, tensor):
-        return np.array(tensor.numpy(), copy=True)
+        return _numpy(tensor)
 
 
-TensorflowDriver.model_ops = lambda self, dtype: TensorflowModelOps(dtype)
+TensorflowDriver.model_ops = lambda self, dtype: KerasModelOps(dtype)

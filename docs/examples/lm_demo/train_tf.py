@@ -1,6 +1,6 @@
 """The demo in TensorFlow/Keras: ``keras.optimizers.AdamW`` against
-``sophia_tf.SophiaG``, in a custom loop (the Hessian refresh needs its own
-gradient), each piece a ``tf.function``.
+``sophia_tf.SophiaG``, in a custom loop, each step one ``tf.function`` (for
+Sophia-G with the Hessian refresh inside, ``sophia_tf.refresh_hessian``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import sophia_core  # noqa: E402
-
 from .common import (  # noqa: E402
     Config,
     RunResult,
     StepResult,
     init_params,
     lr_table,
-    refresh_rows,
     run_loop,
 )
 
@@ -104,67 +101,50 @@ class Trainer:
                 learning_rate=schedule, beta_1=config.sophia_b1, beta_2=config.sophia_b2,
                 gamma=config.sophia_gamma, weight_decay=config.sophia_weight_decay,
                 hessian_interval=config.hessian_interval,
+                hessian_batch_fraction=config.hessian_fraction,
             )
+            self.refresh = sophia_tf.refresh_hessian
         else:
             b1, b2 = config.adamw_betas
             self.opt = keras.optimizers.AdamW(
                 learning_rate=schedule, beta_1=b1, beta_2=b2, epsilon=1e-8,
                 weight_decay=config.adamw_weight_decay)
         self.opt.build(self.variables)
-        self.rng = tf.random.Generator.from_seed(config.seed)
         spec = tf.TensorSpec((config.batch_size, config.context), tf.int32)
-        refresh_spec = tf.TensorSpec((refresh_rows(config.batch_size, config), config.context),
-                                     tf.int32)
         eval_spec = tf.TensorSpec((None, config.context), tf.int32)
         self._step = tf.function(self._train_step, input_signature=[spec, spec])
-        self._refresh = tf.function(self._gnb_refresh, input_signature=[refresh_spec])
         self._loss = tf.function(self._eval_loss, input_signature=[eval_spec, eval_spec])
 
     def _train_step(self, x, y):
+        # Sophia-G: the refresh is part of the compiled step, as in fit with
+        # sophia_tf.Sequential (GNB on the first hessian_fraction of the rows,
+        # labels sampled from the model's logits, seeded by the step count).
+        refreshed = (self.refresh(self.model, (x, y), optimizer=self.opt) if self.sophia
+                     else tf.constant(False))
         with tf.GradientTape() as tape:
             loss = mean_cross_entropy(self.model(x), y)
         grads = tape.gradient(loss, self.variables)
         self.opt.apply_gradients(zip(grads, self.variables, strict=True))
-        return loss
-
-    def _gnb_refresh(self, x):
-        """Fold Sophia-G's hhat = N * ghat**2, at labels sampled from the model, into h."""
-        import sophia_tf
-
-        hhats = sophia_tf.gnb_hessian(lambda: self.model(x), self.variables, generator=self.rng)
-        self.opt.update_hessian(hhats)
-        return hhats[0]
+        return loss, refreshed
 
     def _eval_loss(self, x, y):
         return mean_cross_entropy(self.model(x), y)
 
     def warmup(self, x: np.ndarray, y: np.ndarray, chunks: list) -> None:
-        """Trace the functions without running them (running would train)."""
+        """Trace the step without running it (running would train)."""
         self._step.get_concrete_function()
-        if self.sophia:
-            self._refresh.get_concrete_function()
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
-        refreshed = self.sophia and bool(self.opt.hessian_refresh_due())
-        if refreshed:  # on the first rows of this step's batch
-            self._refresh(tf.constant(x[: refresh_rows(len(x), self.config)]))
-        return StepResult(float(self._step(tf.constant(x), tf.constant(y))), refreshed)
+        loss, refreshed = self._step(tf.constant(x), tf.constant(y))
+        return StepResult(float(loss), bool(refreshed))
 
     def evaluate(self, chunks: list) -> float:
         total = sum(float(self._loss(tf.constant(x), tf.constant(y))) * y.size for x, y in chunks)
         return total / sum(y.size for _, y in chunks)
 
     def unclipped_share(self) -> float | None:
-        if not self.sophia:
-            return None
-        slots = [self.opt.sophia_slots(v) for v in self.variables]
-        c = self.config
-        import sophia_tf
-
-        return float(sophia_core.unclipped_share(
-            [tf.convert_to_tensor(m) for m, _ in slots],
-            [tf.convert_to_tensor(h) for _, h in slots],
-            gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0, xp=sophia_tf.tf_namespace))
+        """What the optimizer reports: the share at its last refresh."""
+        return float(self.opt.unclipped_share.numpy()) if self.sophia else None
 
 
 def train(config: Config, batches, optimizer: str, lr: float, *, progress: bool = True,
