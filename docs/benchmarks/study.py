@@ -10,11 +10,14 @@ busy, see ``default_jobs``).
    learning rates for AdamW and for Sophia-G, on grids meant to bracket each
    optimum. The study checks that each best lies inside its grid (a lower
    and a higher lr were both worse) and says so when it does not.
-2. **Arms at Sophia-G's best learning rate**, one change each: ``gamma``
-   (1e-12 makes every coordinate clipped, i.e. sign momentum; larger values
-   leave more coordinates unclipped), weight decay, and the core-v2 options
+2. **At Sophia-G's best learning rate**, runs that change one thing each:
+   ``gamma`` (1e-12 makes every coordinate clipped, i.e. sign momentum;
+   5 leaves most coordinates unclipped), weight decay (none, and the value
+   whose per-step shrinkage matches AdamW's), and the core-v2 options
    ``hessian_bias_correction=True`` and ``target_unclipped_share`` 0.3 and
-   0.9 (these only where the installed adapter accepts them: PyTorch).
+   0.9 (only where the installed adapter accepts them: PyTorch); and a
+   Sophia-G sweep at gamma 5 (0.5 to 4 times that lr), which shows how the
+   best lr moves with the unclipped share.
 
 Reported: for each optimizer's best run, the steps it needs to reach the
 other's best final validation loss, linearly interpolated between the two
@@ -41,6 +44,7 @@ import pathlib
 import queue
 import sys
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -67,8 +71,15 @@ SOPHIA_LRS = (1e-4, 2e-4, 4e-4, 8e-4)
 QUICK_ADAMW_LRS = (5e-3, 1e-2, 2e-2)
 QUICK_SOPHIA_LRS = (3e-3, 1e-2, 3e-2)
 QUICK_STEPS = 30
-#: gamma values tried at Sophia-G's best lr (besides the config's).
-GAMMAS = (1e-12, 1.0, 5.0)
+#: gamma values tried at Sophia-G's best lr (besides the config's): 1e-12
+#: makes every step a sign step.
+GAMMAS = (1e-12, 5.0)
+#: A second Sophia-G sweep at a large gamma (most coordinates unclipped), at
+#: these multiples of Sophia-G's best lr: where its best lr lies then.
+HIGH_GAMMA = 5.0
+HIGH_GAMMA_LR_FACTORS = (0.5, 1.0, 2.0, 4.0)
+#: The sweeps' groups: (name in the records, optimizer).
+SWEEPS = (("sweep", "adamw"), ("sweep", "sophia-g"), ("sweep high gamma", "sophia-g"))
 TARGET_SHARES = (0.3, 0.9)
 #: Options that need core v2 in the adapter: the study runs their arms only
 #: where ``sophia_torch.Sophia`` accepts them.
@@ -84,7 +95,7 @@ XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thread
 class Arm:
     """One training run: an optimizer, a peak lr and changes to the config."""
 
-    group: str  # "sweep", "gamma", "weight decay", "option"
+    group: str  # "sweep", "sweep high gamma", "gamma", "weight decay", "option"
     optimizer: str
     lr: float
     changes: tuple[tuple[str, Any], ...] = ()
@@ -157,9 +168,26 @@ def default_jobs() -> int:
 
 
 def run_key(backend: str, arm: Arm, base: Config) -> str:
-    """What determines a run's losses (one thread each): same key, same run."""
-    config = dataclasses.asdict(arm.config(base))
+    """What determines a run's losses (one thread each): same key, same run.
+
+    The whole config except what the run does not read: both default
+    learning rates (the arm gives the lr) and the other optimizer's settings.
+    """
+    other = ("sophia_", "hessian_") if arm.optimizer == "adamw" else ("adamw_",)
+    config = {k: v for k, v in dataclasses.asdict(arm.config(base)).items()
+              if k not in ("adamw_lr", "sophia_lr") and not k.startswith(other)}
     return json.dumps([backend, arm.optimizer, arm.lr, config], sort_keys=True)
+
+
+def recorded_runs(path: str | pathlib.Path) -> dict[str, dict]:
+    """The runs of an earlier study.json, by :func:`run_key`."""
+    earlier = json.loads(pathlib.Path(path).read_text())
+    fields = {f.name for f in dataclasses.fields(Config)}
+    base = Config(**{k: tuple(v) if isinstance(v, list) else v
+                     for k, v in earlier["config"].items() if k in fields})
+    return {run_key(earlier["backend"], Arm(r["group"], r["optimizer"], r["lr"],
+                                            tuple(tuple(c) for c in r["changes"])), base): r
+            for r in earlier["runs"]}
 
 
 class Runner:
@@ -167,7 +195,8 @@ class Runner:
 
     ``reuse`` maps :func:`run_key` to runs recorded by an earlier study: those
     are taken as they are (their losses are what a new run would give; their
-    timings are the earlier machine's) instead of being trained again.
+    timings are the earlier machine's) instead of being trained again. So is
+    a run this study has already made (an arm that is also a sweep point).
     """
 
     def __init__(self, backend: str, jobs: int, total_steps: int, progress: bool,
@@ -184,40 +213,48 @@ class Runner:
                         dynamic_ncols=True)
         self.done: dict[int, int] = {}
         self.finished = 0
-        self.reuse = reuse or {}
-        self.reused: set[str] = set()
+        self.reuse = dict(reuse or {})
+        self._shown = (-1, -1)
 
-    def run(self, arms: list[Arm], base: Config, log) -> list[RunResult]:
-        start = len(self.done)
-        results: dict[int, RunResult] = {}
-        pending = {}
-        for i, arm in enumerate(arms):
+    def run(self, arms: list[Arm], base: Config, log,
+            on_done: Callable[[Arm, RunResult, bool], None]) -> None:
+        """Train ``arms`` (or take them as recorded, or as trained earlier in this
+        study); ``on_done(arm, result, reused)`` as each one is known."""
+        pending: dict[futures.Future, list[Arm]] = {}
+        by_key: dict[str, futures.Future] = {}
+        for arm in arms:
             key = run_key(self.backend, arm, base)
             if key in self.reuse:
-                results[start + i] = RunResult.from_json(self.reuse[key])
-                self.done[start + i] = results[start + i].steps
-                self.reused.add(key)
-                log(f"{arm.label}: reused, val {results[start + i].final_validation:.4f}")
+                result = RunResult.from_json(self.reuse[key])
+                log(f"{arm.label}: reused, val {result.final_validation:.4f}")
+                on_done(arm, result, True)
+            elif key in by_key:  # the same run twice in this batch: train it once
+                pending[by_key[key]].append(arm)
             else:
-                self.done[start + i] = 0
-                pending[self.pool.submit(_train, start + i, arm, base, self.backend)] = arm
+                index = len(self.done)
+                self.done[index] = 0
+                future = self.pool.submit(_train, index, arm, base, self.backend)
+                pending[future], by_key[key] = [arm], future
+        self._refresh_bar()
         while pending:
             finished, _ = futures.wait(pending, timeout=0.5,
                                        return_when=futures.FIRST_COMPLETED)
             self._drain()
             for future in finished:
-                arm = pending.pop(future)
+                first, *same = pending.pop(future)
                 index, data = future.result()
                 result = RunResult.from_json(data)
-                results[index] = result
+                self.reuse[run_key(self.backend, first, base)] = data
                 self.done[index] = result.steps
                 self.finished += 1
                 self._refresh_bar()
                 share = (f", unclipped share {result.unclipped_share[-1][1]:.2f}"
                          if result.unclipped_share else "")
-                log(f"{arm.label}: val {result.final_validation:.4f}{share}, "
+                log(f"{first.label}: val {result.final_validation:.4f}{share}, "
                     f"{result.wall_s:.0f} s")
-        return [results[start + i] for i in range(len(arms))]
+                on_done(first, result, False)
+                for arm in same:
+                    on_done(arm, result, True)
 
     def _drain(self) -> None:
         try:
@@ -229,7 +266,11 @@ class Runner:
         self._refresh_bar()
 
     def _refresh_bar(self) -> None:
-        self.bar.n = sum(self.done.values())
+        shown = (sum(self.done.values()), self.finished)
+        if shown == self._shown:
+            return
+        self._shown = shown
+        self.bar.n = shown[0]
         self.bar.set_postfix(runs=self.finished)
         self.bar.refresh()
 
@@ -272,23 +313,30 @@ def _share_end(run: dict) -> float | None:
     return run["unclipped_share"][-1][1] if run["unclipped_share"] else None
 
 
+def _best(runs: list[dict], group: str, optimizer: str) -> dict | None:
+    """The best run of one sweep, where it lies in its grid, and its figures."""
+    sweep = sorted((r for r in runs if r["group"] == group and r["optimizer"] == optimizer),
+                   key=lambda r: r["lr"])
+    if not sweep:
+        return None
+    best = min(sweep, key=_rank)
+    position = sweep.index(best)
+    return {
+        "lr": best["lr"], "final_validation": _final(best), "steps": best["steps"],
+        "grid": [r["lr"] for r in sweep], "bracketed": 0 < position < len(sweep) - 1,
+        "gamma": best.get("sophia_gamma"), "unclipped_share_end": _share_end(best),
+        "refresh_share": best["refresh_s"] / best["wall_s"] if best["wall_s"] else None,
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Best lr per optimizer, the bracket check, steps-to-reach, the arms."""
+    """Best lr per sweep, the bracket check, steps-to-reach, the arms."""
     summary: dict[str, Any] = {"best": {}}
     for name in ("adamw", "sophia-g"):
-        sweep = sorted((r for r in runs if r["group"] == "sweep" and r["optimizer"] == name),
-                       key=lambda r: r["lr"])
-        if not sweep:
-            continue
-        best = min(sweep, key=_rank)
-        position = sweep.index(best)
-        summary["best"][name] = {
-            "lr": best["lr"], "final_validation": _final(best), "steps": best["steps"],
-            "grid": [r["lr"] for r in sweep],
-            "bracketed": 0 < position < len(sweep) - 1,
-            "unclipped_share_end": _share_end(best),
-            "refresh_share": best["refresh_s"] / best["wall_s"] if best["wall_s"] else None,
-        }
+        if (found := _best(runs, "sweep", name)) is not None:
+            summary["best"][name] = found
+    if (found := _best(runs, "sweep high gamma", "sophia-g")) is not None:
+        summary["best_high_gamma"] = found
     best = summary["best"]
     if {"adamw", "sophia-g"} <= best.keys():
         runs_by = {(r["group"], r["optimizer"], r["lr"]): r for r in runs if not r["changes"]}
@@ -307,6 +355,9 @@ def summarize(runs: list[dict]) -> dict:
                 else (sophia_to_adamw / a["steps"] if sophia_to_adamw else None)),
         }
         summary["lr_ratio_adamw_over_sophia"] = best["adamw"]["lr"] / best["sophia-g"]["lr"]
+        if "best_high_gamma" in summary:
+            summary["lr_ratio_adamw_over_sophia_high_gamma"] = (
+                best["adamw"]["lr"] / summary["best_high_gamma"]["lr"])
         summary["speed_by_loss"] = speed_by_loss(a["validation"], s["validation"])
     return summary
 
@@ -331,22 +382,27 @@ def _fmt_steps(value: float | None, limit: int) -> str:
 
 
 def tables(runs: list[dict], summary: dict) -> str:
-    lines = ["| optimizer | peak lr | final val loss | unclipped share at end "
-             "| refresh share | wall time |", "|---|---|---|---|---|---|"]
+    lines = ["| optimizer | gamma | peak lr | final val loss | unclipped share at end "
+             "| refresh share | wall time |", "|---|---|---|---|---|---|---|"]
     best = summary["best"]
-    for r in sorted((r for r in runs if r["group"] == "sweep"),
-                    key=lambda r: (r["optimizer"] != "adamw", r["lr"])):
-        mark = "**" if best.get(r["optimizer"], {}).get("lr") == r["lr"] else ""
+    bests = {("sweep", name): b for name, b in best.items()}
+    if "best_high_gamma" in summary:
+        bests["sweep high gamma", "sophia-g"] = summary["best_high_gamma"]
+    order = {sweep: i for i, sweep in enumerate(SWEEPS)}
+    for r in sorted((r for r in runs if (r["group"], r["optimizer"]) in order),
+                    key=lambda r: (order[r["group"], r["optimizer"]], r["lr"])):
+        mark = "**" if bests.get((r["group"], r["optimizer"]), {}).get("lr") == r["lr"] else ""
         share = _share_end(r)
         refresh = f"{100 * r['refresh_s'] / r['wall_s']:.1f} %" if r["refreshes"] else "-"
-        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {mark}{_final(r):.4f}{mark} | "
+        gamma = f"{r['sophia_gamma']:g}" if r.get("sophia_gamma") is not None else "-"
+        lines.append(f"| {r['optimizer']} | {gamma} | {r['lr']:g} | {mark}{_final(r):.4f}{mark} | "
                      f"{'-' if share is None else f'{share:.2f}'} | {refresh} | "
                      f"{r['wall_s']:.1f} s |")
     out = ["### Learning-rate sweeps (equal budgets)", "", *lines, ""]
-    for name, b in best.items():
+    for (group, name), b in bests.items():
         if not b["bracketed"]:
-            out.append(f"**Warning**: {name}'s best lr {b['lr']:g} is at the edge of its grid "
-                       f"{b['grid']}: the optimum is not bracketed.")
+            out.append(f"**Warning**: {name}'s best lr {b['lr']:g} ({group}) is at the edge "
+                       f"of its grid {b['grid']}: the optimum is not bracketed.")
     if "steps_to_reach" in summary:
         reach = summary["steps_to_reach"]
         a, s = best["adamw"], best["sophia-g"]
@@ -359,7 +415,7 @@ def tables(runs: list[dict], summary: dict) -> str:
                 f"| sophia-g lr {s['lr']:g} | {s['final_validation']:.4f} | "
                 f"{_fmt_steps(reach['sophia_to_adamw_best'], s['steps'])} "
                 f"(AdamW's {a['final_validation']:.4f}) |"]
-    arms = [r for r in runs if r["group"] != "sweep"]
+    arms = [r for r in runs if not r["group"].startswith("sweep")]
     if arms:
         base = best.get("sophia-g", {}).get("final_validation")
         out += ["", "### Arms at Sophia-G's best lr (one change each)", "",
@@ -402,7 +458,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
     best = summary["best"]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.4), dpi=100)
     sweep = [r for r in runs if r["group"] == "sweep"]
-    arms = [r for r in runs if r["group"] != "sweep"]
+    arms = [r for r in runs if not r["group"].startswith("sweep")]
 
     ax = axes[0, 0]
     for r in sweep:
@@ -436,6 +492,12 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
                 label=name)
         b = best[name]
         ax.plot([b["lr"]], [b["final_validation"]], "*", color=colors[name], ms=16)
+    high = sorted((r for r in runs if r["group"] == "sweep high gamma"), key=lambda r: r["lr"])
+    if high:
+        ax.plot([r["lr"] for r in high], [_final(r) for r in high], "s--", color="darkorange",
+                label=f"sophia-g, gamma {high[0]['sophia_gamma']:g}")
+        b = summary["best_high_gamma"]
+        ax.plot([b["lr"]], [b["final_validation"]], "*", color="darkorange", ms=14)
     ax.set_xscale("log")
     ax.set(xlabel="peak learning rate", ylabel="final validation loss",
            title="Equal budgets: final loss against the learning rate")
@@ -465,13 +527,20 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
     ax = axes[1, 0]
     cmap = plt.get_cmap("Reds")
     s_sweep = sorted((r for r in sweep if r["optimizer"] == "sophia-g"), key=lambda r: r["lr"])
+    for r in high:
+        if r["unclipped_share"]:
+            steps, shares = zip(*r["unclipped_share"], strict=True)
+            ax.plot(steps, shares, color="darkorange", lw=0.9, alpha=0.6,
+                    label=f"gamma {r['sophia_gamma']:g}, lr {r['lr']:g}")
     for i, r in enumerate(s_sweep):
         if r["unclipped_share"]:
             steps, shares = zip(*r["unclipped_share"], strict=True)
             ax.plot(steps, shares, color=cmap(0.35 + 0.65 * i / max(1, len(s_sweep) - 1)),
                     label=f"lr {r['lr']:g}")
     for r in arms:
-        if r["unclipped_share"] and r["group"] in ("gamma", "option"):
+        if r["unclipped_share"] and r["group"] in ("gamma", "option") and not (
+                r["group"] == "gamma" and any(h["lr"] == r["lr"] and h["sophia_gamma"] ==
+                                              r["sophia_gamma"] for h in high)):
             steps, shares = zip(*r["unclipped_share"], strict=True)
             ax.plot(steps, shares, ls=":", lw=1.4, label=r["label"].split(", ", 1)[-1])
     ax.set(xlabel="step", ylabel="unclipped share", ylim=(0, 1),
@@ -525,11 +594,15 @@ def v2_options_available(backend: str) -> dict[str, bool]:
     return {name: option in parameters for name, option in V2_OPTIONS.items()}
 
 
-def arms_at(lr: float, adamw_lr: float, config: Config,
-            available: dict[str, bool]) -> list[Arm]:
-    """The one-change arms at Sophia-G's best learning rate ``lr``."""
+def arms_at(lr: float, adamw_lr: float, config: Config, available: dict[str, bool], *,
+            high_gamma: bool = True) -> list[Arm]:
+    """The second phase, at Sophia-G's best learning rate ``lr``: the one-change
+    arms and the sweep at a high gamma (whose point at ``lr`` is also an arm)."""
     arms = [Arm("gamma", "sophia-g", lr, (("sophia_gamma", g),)) for g in GAMMAS
             if g != config.sophia_gamma]
+    if high_gamma:
+        arms += [Arm("sweep high gamma", "sophia-g", lr * factor, (("sophia_gamma", HIGH_GAMMA),))
+                 for factor in HIGH_GAMMA_LR_FACTORS]
     # Weight decay: none, and the value whose per-step shrinkage lr * wd
     # equals AdamW's at its best lr (decoupled decay scales with the lr).
     matched = config.adamw_weight_decay * adamw_lr / lr
@@ -551,7 +624,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, help="steps per run (default: the demo's)")
     parser.add_argument("--adamw-lrs", type=float, nargs="+")
     parser.add_argument("--sophia-lrs", type=float, nargs="+")
-    parser.add_argument("--no-arms", action="store_true", help="only the two sweeps")
+    parser.add_argument("--no-arms", action="store_true",
+                        help="no one-change arms at Sophia-G's best lr")
+    parser.add_argument("--no-high-gamma", action="store_true",
+                        help=f"no second Sophia-G sweep at gamma {HIGH_GAMMA:g}")
     parser.add_argument("--jobs", type=int, help="worker processes (default: idle CPUs)")
     parser.add_argument("--out", default="study_results",
                         help="folder for study.json and study.png")
@@ -566,8 +642,8 @@ def main(argv: list[str] | None = None) -> dict:
     adamw_lrs = args.adamw_lrs or (QUICK_ADAMW_LRS if args.quick else ADAMW_LRS)
     sophia_lrs = args.sophia_lrs or (QUICK_SOPHIA_LRS if args.quick else SOPHIA_LRS)
     available = v2_options_available(args.backend)
-    n_arms = 0 if args.no_arms else len(arms_at(sophia_lrs[0], adamw_lrs[0], config,
-                                                        available))
+    n_arms = 0 if args.no_arms else len(arms_at(
+        sophia_lrs[0], adamw_lrs[0], config, available, high_gamma=not args.no_high_gamma))
     jobs = args.jobs or default_jobs()
     out = pathlib.Path(args.out)
     command = "python docs/benchmarks/study.py " + " ".join(sys.argv[1:] if argv is None
@@ -580,43 +656,43 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"machine: {report['machine']}; {report['load_at_start']}")
     print(f"{len(adamw_lrs)} AdamW and {len(sophia_lrs)} Sophia-G learning rates, then "
-          f"{n_arms} arms at Sophia-G's best; {steps} steps each; {jobs} worker(s), "
-          "one thread each")
+          f"{n_arms} runs at multiples of Sophia-G's best; {steps} steps each; "
+          f"{jobs} worker(s), one thread each")
     for name, ok in available.items():
         if not ok:
             print(f"note: {V2_OPTIONS[name]} arms skipped: the {args.backend} trainer's "
                   "optimizer does not accept it")
     sweep = ([Arm("sweep", "adamw", lr) for lr in adamw_lrs]
              + [Arm("sweep", "sophia-g", lr) for lr in sophia_lrs])
-    reuse = {}
-    if args.reuse:
-        earlier = json.loads(pathlib.Path(args.reuse).read_text())
-        reuse = {r["key"]: r for r in earlier["runs"] if "key" in r}
+    reuse = recorded_runs(args.reuse) if args.reuse else {}
     runner = Runner(args.backend, jobs, (len(sweep) + n_arms) * steps,
                     progress=not args.no_progress, reuse=reuse)
     log = runner.bar.write if not args.no_progress else print
     records: list[dict] = []
 
-    def record(arms: list[Arm], results: list[RunResult]) -> None:
-        for arm, result in zip(arms, results, strict=True):
-            key = run_key(args.backend, arm, config)
-            records.append({**result.to_json(), "group": arm.group, "label": arm.label,
-                            "changes": [list(c) for c in arm.changes], "key": key,
-                            "reused": key in runner.reused})
+    out.mkdir(parents=True, exist_ok=True)
+
+    def record(arm: Arm, result: RunResult, reused: bool) -> None:
+        """Keep a finished run; study.json always holds every run so far
+        (``--reuse`` can pick up an interrupted study)."""
+        gamma = arm.config(config).sophia_gamma if arm.optimizer == "sophia-g" else None
+        records.append({**result.to_json(), "group": arm.group, "label": arm.label,
+                        "changes": [list(c) for c in arm.changes], "sophia_gamma": gamma,
+                        "reused": reused})
+        (out / "study.json").write_text(json.dumps({**report, "partial": True,
+                                                    "runs": records}, indent=1))
 
     try:
-        record(sweep, runner.run(sweep, config, log))
-        summary = summarize(records)
+        runner.run(sweep, config, log, record)
         if not args.no_arms:
-            best = summary["best"]
-            arms = arms_at(best["sophia-g"]["lr"], best["adamw"]["lr"], config, available)
-            record(arms, runner.run(arms, config, log))
+            best = summarize(records)["best"]
+            runner.run(arms_at(best["sophia-g"]["lr"], best["adamw"]["lr"], config, available,
+                               high_gamma=not args.no_high_gamma), config, log, record)
     finally:
         runner.close()
     summary = summarize(records)
     report.update(runs=records, summary=summary, headline=headline(summary),
                   load_at_end=load_average(), seconds=time.perf_counter() - started)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(report, indent=1))
     title = (f"Sophia-G vs AdamW, equal lr budgets: byte-level GPT "
              f"{config.n_layer}x{config.n_embd}, {steps} steps x {config.tokens_per_step} "

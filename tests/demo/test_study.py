@@ -96,6 +96,8 @@ def test_quick_study_end_to_end(tmp_path: pathlib.Path) -> None:
     sweep = [r for r in report["runs"] if r["group"] == "sweep"]
     counts = {name: sum(r["optimizer"] == name for r in sweep) for name in ("adamw", "sophia-g")}
     assert counts["adamw"] == counts["sophia-g"] >= 3  # equal budgets
+    high = [r for r in report["runs"] if r["group"] == "sweep high gamma"]
+    assert len(high) == counts["sophia-g"] and all(r["sophia_gamma"] > 1 for r in high)
     best = report["summary"]["best"]
     arms = [r for r in report["runs"] if r["group"] != "sweep"]
     assert arms and all(r["lr"] == best["sophia-g"]["lr"] for r in arms)
@@ -115,7 +117,7 @@ def test_quick_study_end_to_end(tmp_path: pathlib.Path) -> None:
          "--out", str(again), "--reuse", str(tmp_path / "study.json"))
     rerun = json.loads((again / "study.json").read_text())
     assert all(r["reused"] for r in rerun["runs"])
-    assert [r["validation"] for r in rerun["runs"]] == [r["validation"] for r in sweep]
+    assert [r["validation"] for r in rerun["runs"]] == [r["validation"] for r in sweep + high]
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
