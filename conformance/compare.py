@@ -105,6 +105,17 @@ def compare(reference: Trajectory, got: Trajectory, streams: Streams, *, backend
 
     if not np.array_equal(got.steps, reference.steps):
         problems.append("step counter differs")
+    for name, values in reference.counters.items():
+        if name not in got.counters:
+            problems.append(f"does not report {name}")
+        elif name == "gamma" and mode != "bitwise":  # a quantile of rounded ratios
+            if not np.allclose(got.counters[name], values, rtol=64 * unit_roundoff(
+                    state_dtype(streams.dtype)), atol=0):
+                problems.append("gamma differs beyond 64 ulps")
+        elif not np.array_equal(got.counters[name], values):
+            first = int(np.argmax(got.counters[name] != values))
+            problems.append(f"{name} differs from step {first + 1} "
+                            f"({got.counters[name][first]!r} vs {values[first]!r})")
     quantities = (("theta", reference.params, got.params, dtype),
                   ("m", reference.ms, got.ms, sdtype),
                   ("h", reference.hs, got.hs, sdtype))

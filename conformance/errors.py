@@ -37,6 +37,8 @@ class RawHyperparameters:
     refresh_at_start: Any = DEFAULTS["refresh_at_start"]
     bias_correction: Any = DEFAULTS["bias_correction"]
     maximize: Any = DEFAULTS["maximize"]
+    hessian_bias_correction: Any = DEFAULTS["hessian_bias_correction"]
+    target_unclipped_share: Any = DEFAULTS["target_unclipped_share"]
 
     def update_kwargs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("lr", "b1", "gamma", "weight_decay", "eps",
@@ -56,9 +58,14 @@ class ErrorCase:
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _hyper_case(name: str, value: Any) -> ErrorCase:
-    return ErrorCase(f"{name}={value!r}", "hyperparameter", ValueError,
+def _hyper_case(name: str, value: Any, exception: type[Exception] = ValueError) -> ErrorCase:
+    return ErrorCase(f"{name}={value!r}", "hyperparameter", exception,
                      (name, *ALIASES.get(name, ())), {name: value})
+
+
+def _type_case(name: str, value: Any) -> ErrorCase:
+    """A value of the wrong type (what a YAML file or a typo hands over): TypeError."""
+    return _hyper_case(name, value, TypeError)
 
 
 ERROR_CASES: tuple[ErrorCase, ...] = (
@@ -72,6 +79,23 @@ ERROR_CASES: tuple[ErrorCase, ...] = (
     _hyper_case("weight_decay", -0.1),
     _hyper_case("clip_threshold", 0.0),
     _hyper_case("hessian_interval", 0),
+    _hyper_case("hessian_interval", 2**31),
+    _hyper_case("target_unclipped_share", 1.5),
+    # Wrong types, each measured to get through v0.1 somewhere.
+    _type_case("lr", "1e-3"),
+    _type_case("lr", True),
+    _type_case("b1", None),
+    _type_case("gamma", "0.05"),
+    _type_case("eps", None),
+    _type_case("clip_threshold", None),
+    _type_case("weight_decay", 1j),
+    _type_case("b2", [0.99]),
+    _type_case("hessian_interval", 2.5),
+    _type_case("refresh_at_start", None),
+    _type_case("bias_correction", None),
+    _type_case("maximize", 1),
+    _type_case("hessian_bias_correction", "yes"),
+    _type_case("target_unclipped_share", "0.3"),
     ErrorCase("integer parameters", "integer_params", TypeError, ("dtype", "floating")),
     ErrorCase("hhat shape mismatch", "hhat_shape", ValueError, ("shape",)),
     ErrorCase("state file shape mismatch", "import_shape", ValueError, ("shape",)),

@@ -73,6 +73,9 @@ class Scenario:
     #: ``hhat_scale * N(0,1)`` when ``negative_hhat`` (Hutchinson-like).
     hhat_scale: float = 25.0
     negative_hhat: bool = False
+    #: Fraction of hhat entries (drawn per refresh) replaced by NaN, +Inf or
+    #: -Inf: the non-finite policy must keep them out of h and count them.
+    nonfinite_hhat: float = 0.0
     steps: int = STEPS
     dtypes: tuple[str, ...] = DTYPES
 
@@ -146,6 +149,20 @@ SCENARIOS: tuple[Scenario, ...] = (
        hyperparameters={"lr": 1e-3}, grad_scale=1e25, hhat_scale=1e30),
     _s("biased_gradients", "a constant gradient component: m converges away from 0",
        hyperparameters={"lr": 1e-3}, grad_bias=0.5, dtypes=WIDE),
+    _s("nonfinite_hhat", "10% of estimate coordinates NaN/+Inf/-Inf: they never enter h "
+       "and are counted (the non-finite policy)", hyperparameters={"lr": 1e-3},
+       nonfinite_hhat=0.1, dtypes=WIDE),
+    _s("hessian_bias_correction", "h bias-corrected: decay 1-(1-b2)/(1-b2**n) at the n-th "
+       "refresh (h = hhat after the first)",
+       hyperparameters={"lr": 1e-3, "hessian_bias_correction": True}),
+    _s("target_unclipped_share", "gamma re-set at each refresh so that 30% of coordinates "
+       "are unclipped (a quantile of |m|/(c h))",
+       hyperparameters={"lr": 1e-3, "target_unclipped_share": 0.3}, dtypes=WIDE),
+    _s("target_share_all_options", "target share 0.3 with h and m bias-corrected, "
+       "Hutchinson-like hhat of both signs",
+       hyperparameters={"lr": 1e-3, "target_unclipped_share": 0.3,
+                        "hessian_bias_correction": True, "bias_correction": True},
+       negative_hhat=True, hhat_scale=1.0, dtypes=WIDE),
 )
 
 
@@ -235,6 +252,9 @@ def make_streams(scenario: Scenario, dtype: str, *, seed: int = 0) -> Streams:
             grad[:, dead] = 0.0
         noise = rng.standard_normal((len(refreshes), *shape))
         hhat = scenario.hhat_scale * (noise if scenario.negative_hhat else noise * noise)
+        if scenario.nonfinite_hhat:
+            bad = rng.random(hhat.shape) < scenario.nonfinite_hhat
+            hhat[bad] = rng.choice(np.array([np.nan, np.inf, -np.inf]), size=int(bad.sum()))
         params.append(cast(param, dtype))
         grads.append(cast(grad, dtype))
         hhats.append(cast(hhat, state_dtype(dtype)))

@@ -11,8 +11,22 @@ randomness, in-place writes and state containers on top.
 """
 
 from . import portable
+from ._diagnostics import (
+    SIGN_MOMENTUM_PATIENCE,
+    SIGN_MOMENTUM_SHARE,
+    SIGN_MOMENTUM_WARMUP,
+    clip_fraction,
+    gamma_for_unclipped_share,
+    missing_refresh,
+    missing_refresh_message,
+    sign_momentum_message,
+    sign_momentum_regime,
+    unclipped_count,
+    unclipped_share,
+)
 from ._estimators import (
     IGNORE_INDEX,
+    estimate_rows,
     gnb_estimate,
     hutchinson_estimate,
     masked_mean_cross_entropy,
@@ -23,45 +37,67 @@ from ._estimators import (
 from ._hyperparameters import (
     ALIASES,
     DEFAULTS,
+    MAX_INTERVAL,
     PROBES,
     Hyperparameters,
     validate_hyperparameters,
 )
-from ._namespace import NAMESPACE_FUNCTIONS, check_same_shape, compute_dtype, namespace_of
+from ._namespace import (
+    NAMESPACE_FUNCTIONS,
+    check_eps,
+    check_same_shape,
+    compute_dtype,
+    namespace_of,
+)
 from ._update import (
+    HessianFold,
     SophiaState,
     apply_step,
     bias_corrected,
-    clip_fraction,
+    denominator,
+    fold_hessian,
+    hessian_decay,
     hessian_ema,
     init_state,
     momentum_update,
     preconditioned_step,
     refresh_due,
     sophia_update,
-    unclipped_share,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "ALIASES",
     "DEFAULTS",
     "IGNORE_INDEX",
+    "MAX_INTERVAL",
     "NAMESPACE_FUNCTIONS",
     "PROBES",
+    "SIGN_MOMENTUM_PATIENCE",
+    "SIGN_MOMENTUM_SHARE",
+    "SIGN_MOMENTUM_WARMUP",
+    "HessianFold",
     "Hyperparameters",
     "SophiaState",
     "apply_step",
     "bias_corrected",
+    "check_eps",
     "check_same_shape",
     "clip_fraction",
     "compute_dtype",
+    "denominator",
+    "estimate_rows",
+    "fold_hessian",
+    "gamma_for_unclipped_share",
     "gnb_estimate",
+    "hessian_decay",
     "hessian_ema",
     "hutchinson_estimate",
     "init_state",
     "masked_mean_cross_entropy",
+    "missing_refresh",
+    "missing_refresh_message",
     "momentum_update",
     "namespace_of",
     "num_positions",
@@ -70,7 +106,10 @@ __all__ = [
     "probe_from_noise",
     "refresh_due",
     "sample_labels",
+    "sign_momentum_message",
+    "sign_momentum_regime",
     "sophia_update",
+    "unclipped_count",
     "unclipped_share",
     "validate_hyperparameters",
 ]

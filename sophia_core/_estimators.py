@@ -26,6 +26,7 @@ handles that (a sign step).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from ._namespace import check_floating, check_same_shape, compute_dtype, namespa
 
 __all__ = [
     "IGNORE_INDEX",
+    "estimate_rows",
     "gnb_estimate",
     "hutchinson_estimate",
     "masked_mean_cross_entropy",
@@ -43,6 +45,22 @@ __all__ = [
 
 #: Label value of positions that enter no loss (PyTorch's convention).
 IGNORE_INDEX = -100
+
+
+def estimate_rows(batch_size: int, fraction: float) -> int:
+    """How many of a batch's sequences the in-loop Sophia-G estimate uses.
+
+    ``max(1, ceil(fraction * batch_size))`` (``fraction`` in (0, 1], see
+    ``DEFAULTS["hessian_batch_fraction"]``). Because ``hhat = N * ghat**2``
+    counts N on the rows used, a subset estimates the same quantity as the
+    whole batch, with more noise, for ``fraction`` of the cost.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 0):
+        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+    from ._hyperparameters import validate_hyperparameters
+
+    validate_hyperparameters(hessian_batch_fraction=fraction)
+    return max(1, math.ceil(fraction * batch_size)) if batch_size else 0
 
 
 def _floating(array: Any, xp: Any) -> Any:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "LARGEST",
     "NAMESPACE_FUNCTIONS",
     "check_eps",
     "check_floating",
     "check_same_shape",
     "compute_dtype",
+    "dtype_name",
     "namespace_of",
 ]
 
@@ -26,13 +28,18 @@ NAMESPACE_FUNCTIONS: tuple[str, ...] = (
     "argmax",
     "astype",
     "clip",
+    "concat",
     "exp",
     "float32",
     "float64",
+    "int32",
     "isdtype",
+    "isfinite",
     "log",
     "max",
     "ones_like",
+    "reshape",
+    "sort",
     "sum",
     "where",
     "zeros_like",
@@ -78,19 +85,35 @@ def compute_dtype(dtype: Any, *, xp: Any) -> Any:
 
 #: Smallest positive normal numbers of the compute dtypes (IEEE 754).
 _SMALLEST_NORMAL = {"float32": 2.0**-126, "float64": 2.0**-1022}
+#: Largest finite numbers of the compute dtypes (IEEE 754).
+LARGEST = {
+    "float32": float.fromhex("0x1.fffffep127"),
+    "float64": float.fromhex("0x1.fffffffffffffp1023"),
+}
 
 
-def check_eps(eps: Any, dtype: Any, *, xp: Any) -> None:
-    """Raise ValueError if ``eps`` is not a normal number in ``dtype``.
+def dtype_name(dtype: Any, *, xp: Any) -> str:
+    """``"float64"`` or ``"float32"``: the compute dtype's name."""
+    return "float64" if compute_dtype(dtype, xp=xp) == xp.float64 else "float32"
 
-    ``max(gamma*h, eps)`` must stay positive: an eps that underflows in the
-    compute dtype would allow ``0 / 0``.
+
+def check_eps(eps: Any, dtype: Any, *, xp: Any, gamma: Any = None) -> None:
+    """Raise ValueError unless ``eps`` (and ``gamma``) suit parameters of ``dtype``.
+
+    ``max(gamma*h, eps)`` must stay positive and finite: an eps that
+    underflows in the compute dtype would allow ``0 / 0``, and a gamma that
+    overflows it would give ``inf * 0``. Call it wherever the parameter dtypes
+    become known (the update calls it too). Values that are not Python
+    numbers (traced, injected) are the host's to check.
     """
-    if not isinstance(eps, (int, float)):
-        return
-    name = "float64" if dtype == xp.float64 else "float32"
-    if eps < _SMALLEST_NORMAL[name]:
+    name = dtype_name(dtype, xp=xp)
+    if isinstance(eps, (int, float)) and eps < _SMALLEST_NORMAL[name]:
         raise ValueError(
             f"eps (epsilon) must be a normal {name} number (>= {_SMALLEST_NORMAL[name]:.3g}) "
             f"for these parameters, got {eps!r}"
+        )
+    if isinstance(gamma, (int, float)) and gamma > LARGEST[name]:
+        raise ValueError(
+            f"gamma (rho) must be a finite {name} number (<= {LARGEST[name]:.4g}) "
+            f"for these parameters, got {gamma!r}"
         )

@@ -31,29 +31,31 @@ are computed in Python double precision when they are Python numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ._namespace import (
+    LARGEST,
     check_eps,
     check_floating,
     check_same_shape,
     compute_dtype,
+    dtype_name,
     namespace_of,
 )
 
 __all__ = [
+    "HessianFold",
     "SophiaState",
     "apply_step",
     "bias_corrected",
-    "clip_fraction",
+    "fold_hessian",
+    "hessian_decay",
     "hessian_ema",
     "init_state",
     "momentum_update",
     "preconditioned_step",
     "refresh_due",
     "sophia_update",
-    "unclipped_share",
 ]
 
 
@@ -118,12 +120,28 @@ def bias_corrected(m: Any, *, b1: float, step: Any, bias_correction: bool,
     return m * factor
 
 
+def denominator(h: Any, *, gamma: Any, eps: Any, xp: Any = None) -> Any:
+    """``d = max(gamma*h, eps)``, held below the dtype's largest finite value.
+
+    The upper bound only acts where ``gamma*h`` overflowed, so ``mhat / d``
+    is never ``inf / inf`` (NaN): an overflowed ``mhat`` then gives a clipped
+    step, an overflowed ``gamma*h`` a step of 0. Elsewhere it is exactly
+    ``max(gamma*h, eps)``.
+    """
+    xp = namespace_of(h, xp=xp)
+    return xp.clip(gamma * h, min=eps, max=LARGEST[dtype_name(h.dtype, xp=xp)])
+
+
 def preconditioned_step(mhat: Any, h: Any, *, gamma: float, eps: float,
                         clip_threshold: float, xp: Any = None) -> Any:
-    """``u = clip(mhat / max(gamma*h, eps), -c, c)``: the clipped Newton step."""
+    """``u = clip(mhat / max(gamma*h, eps), -c, c)``: the clipped Newton step.
+
+    Bounded by ``c`` for every finite input, also where ``mhat`` or
+    ``gamma*h`` overflow (see :func:`denominator`).
+    """
     xp = namespace_of(mhat, h, xp=xp)
-    denominator = xp.clip(gamma * h, min=eps)
-    return xp.clip(mhat / denominator, min=-clip_threshold, max=clip_threshold)
+    ratio = mhat / denominator(h, gamma=gamma, eps=eps, xp=xp)
+    return xp.clip(ratio, min=-clip_threshold, max=clip_threshold)
 
 
 def apply_step(param: Any, u: Any, *, lr: Any, weight_decay: float) -> Any:
@@ -170,7 +188,7 @@ def sophia_update(
         check_floating(name, array, xp=xp)
         check_same_shape("param", param, name, array)
     dtype = compute_dtype(param.dtype, xp=xp)
-    check_eps(eps, dtype, xp=xp)
+    check_eps(eps, dtype, xp=xp, gamma=gamma)
     theta = xp.astype(param, dtype, copy=False)
     m = momentum_update(
         xp.astype(state.m, dtype, copy=False),
@@ -188,13 +206,70 @@ def sophia_update(
     return xp.astype(theta, param.dtype, copy=False), new_state
 
 
-def hessian_ema(h: Any, hhat: Any, *, b2: float, xp: Any = None) -> Any:
-    """``b2*h + (1-b2)*hhat`` (no bias correction), in ``h``'s dtype."""
+class HessianFold(NamedTuple):
+    """The result of folding one Hessian estimate into ``h``."""
+
+    #: The new Hessian EMA.
+    h: Any
+    #: How many coordinates kept their old ``h`` because the estimate was not
+    #: finite there (0-d integer array).
+    rejected: Any
+
+
+def hessian_decay(b2: Any, refresh: Any = None, *, bias_correction: bool = False,
+                  dtype: Any = None, xp: Any = None) -> Any:
+    """The EMA's decay at the ``refresh``-th fold (1-based).
+
+    ``b2`` without bias correction. With it, ``1 - (1-b2) / (1-b2**n)``:
+    the first fold sets ``h = hhat`` and the decay rises to ``b2``, so ``h``
+    is the bias-corrected average of the estimates so far (as Adam's second
+    moment, folded into ``h`` itself). A Python int ``refresh`` gives a
+    Python float (double precision, as on every backend); an array
+    ``refresh`` is handled as :func:`bias_corrected` handles an array step
+    (float64 stays float64, anything else is cast to ``dtype``).
+    """
+    if not bias_correction:
+        return b2
+    if refresh is None:
+        raise ValueError("hessian_bias_correction needs the refresh count n (1-based)")
+    if isinstance(refresh, int):
+        if refresh < 1:
+            raise ValueError(f"refresh must be >= 1, got {refresh}")
+        return 1.0 - (1.0 - b2) / (1.0 - b2**refresh)
+    xp = namespace_of(refresh, xp=xp)
+    n = _as_float(refresh, dtype if dtype is not None else xp.float32, xp)
+    return 1.0 - (1.0 - b2) / (1.0 - b2**n)
+
+
+def fold_hessian(h: Any, hhat: Any, *, b2: Any, refresh: Any = None,
+                 bias_correction: bool = False, xp: Any = None) -> HessianFold:
+    """``h <- b2n*h + (1-b2n)*hhat`` where that is finite; elsewhere ``h`` stays.
+
+    ``b2n`` is :func:`hessian_decay` (``b2`` unless ``bias_correction``,
+    which needs ``refresh``, the 1-based index of this fold). The estimate
+    is cast to ``h``'s dtype first. **Non-finite policy**: a coordinate whose
+    new value would not be finite (a NaN or infinite estimate, a finite one
+    that overflows ``h``'s dtype, or an overflowing sum) keeps its old ``h``;
+    :attr:`HessianFold.rejected` counts them. A bad estimate therefore never
+    enters ``h``, and a later finite one is folded normally.
+    """
     xp = namespace_of(h, hhat, xp=xp)
     check_floating("h", h, xp=xp)
     check_floating("hhat", hhat, xp=xp)
     check_same_shape("h", h, "hhat", hhat)
-    return b2 * h + (1.0 - b2) * xp.astype(hhat, h.dtype, copy=False)
+    decay = hessian_decay(b2, refresh, bias_correction=bias_correction, dtype=h.dtype, xp=xp)
+    if not isinstance(decay, (int, float)):
+        decay = xp.astype(decay, h.dtype)
+    candidate = decay * h + (1.0 - decay) * xp.astype(hhat, h.dtype, copy=False)
+    finite = xp.isfinite(candidate)
+    rejected = xp.sum(xp.astype(~finite, xp.int32))
+    return HessianFold(h=xp.where(finite, candidate, h), rejected=rejected)
+
+
+def hessian_ema(h: Any, hhat: Any, *, b2: float, xp: Any = None) -> Any:
+    """``b2*h + (1-b2)*hhat`` in ``h``'s dtype, with :func:`fold_hessian`'s
+    non-finite policy (no bias correction, no count)."""
+    return fold_hessian(h, hhat, b2=b2, xp=xp).h
 
 
 def refresh_due(completed_steps: Any, *, hessian_interval: int,
@@ -211,50 +286,3 @@ def refresh_due(completed_steps: Any, *, hessian_interval: int,
     if not refresh_at_start:
         due = due & (completed_steps > 0)
     return due
-
-
-def unclipped_share(
-    ms: Sequence[Any],
-    hs: Sequence[Any],
-    *,
-    gamma: float,
-    eps: float,
-    clip_threshold: float,
-    b1: float = 0.0,
-    step: Any = 1,
-    bias_correction: bool = False,
-    xp: Any = None,
-) -> Any:
-    """Fraction of coordinates whose step is *not* clipped (0-d array).
-
-    ``|mhat / max(gamma*h, eps)| < c`` counted over all the given momentum
-    and Hessian arrays together. The authors suggest tuning ``gamma`` so
-    that this lies between 0.1 and 0.5. Returns NaN-free 0 for no elements.
-    """
-    if len(ms) != len(hs):
-        raise ValueError(f"got {len(ms)} momentum arrays but {len(hs)} Hessian arrays")
-    if not ms:
-        raise ValueError("clip_fraction needs at least one array")
-    xp = namespace_of(*ms, *hs, xp=xp)
-    unclipped = None
-    total = 0
-    for m, h in zip(ms, hs, strict=True):
-        check_same_shape("m", m, "h", h)
-        mhat = bias_corrected(m, b1=b1, step=step, bias_correction=bias_correction, xp=xp)
-        ratio = xp.abs(mhat / xp.clip(gamma * h, min=eps))
-        count = xp.sum(xp.astype(ratio < clip_threshold, m.dtype))
-        unclipped = count if unclipped is None else unclipped + count
-        total += _size(m)
-    return unclipped / max(total, 1)
-
-
-#: The name :func:`unclipped_share` had in 0.1 (it never was a clipped
-#: fraction); kept so old code runs.
-clip_fraction = unclipped_share
-
-
-def _size(array: Any) -> int:
-    size = 1
-    for n in array.shape:
-        size *= int(n)
-    return size

@@ -81,6 +81,10 @@ def clip(x, /, min=None, max=None):  # noqa: A002 - the array API's names
     return x
 
 
+def concat(arrays, /, *, axis=0):
+    return tf.concat(list(arrays), axis=axis)
+
+
 def exp(x, /):
     return tf.math.exp(x)
 
@@ -96,6 +100,10 @@ def isdtype(dtype, kind):
     return dtype == tf.as_dtype(kind)
 
 
+def isfinite(x, /):
+    return tf.math.is_finite(x)
+
+
 def log(x, /):
     return tf.math.log(x)
 
@@ -106,6 +114,14 @@ def max(x, /, *, axis=None, keepdims=False):  # noqa: A001
 
 def ones_like(x, /, *, dtype=None, device=None):
     return tf.ones_like(x, dtype=dtype)
+
+
+def reshape(x, /, shape, *, copy=None):
+    return tf.reshape(x, shape)
+
+
+def sort(x, /, *, axis=-1, descending=False, stable=True):
+    return tf.sort(x, axis=axis, direction="DESCENDING" if descending else "ASCENDING")
 
 
 def sum(x, /, *, axis=None, dtype=None, keepdims=False):  # noqa: A001
@@ -128,6 +144,7 @@ def zeros_like(x, /, *, dtype=None, device=None):
 
 float32 = tf.float32
 float64 = tf.float64
+int32 = tf.int32
 
 #: The namespace: exactly ``sophia_core.NAMESPACE_FUNCTIONS``, nothing else.
 tf_namespace = types.SimpleNamespace(**{name: globals()[name] for name in NAMESPACE_FUNCTIONS})

@@ -10,7 +10,8 @@ A driver runs a backend's *public* optimizer API on given inputs:
   when the schedule says a refresh is due, before the next step);
 - ``step(grads)``: one optimizer step with the given gradients;
 - ``read()``: the current ``Snapshot`` (parameters, m, h, completed steps) as
-  numpy arrays.
+  numpy arrays, and the counters the optimizer keeps (:data:`COUNTERS`),
+  read through its public API.
 
 ``run(streams)`` drives those four over a whole scenario and records the
 trajectory; a driver may override it (JAX scans the whole run under one
@@ -34,7 +35,12 @@ from sophia_core import Hyperparameters
 
 from ..scenarios import Streams
 
-__all__ = ["Driver", "Snapshot", "Trajectory", "driver_for", "has_driver"]
+__all__ = ["COUNTERS", "Driver", "Snapshot", "Trajectory", "driver_for", "has_driver"]
+
+#: What every optimizer counts and reports (``sophia_core`` CORE_V2 names):
+#: folds so far, estimate coordinates the non-finite policy kept out of h,
+#: and -- when ``target_unclipped_share`` is set -- the gamma in use.
+COUNTERS = ("hessian_refreshes", "rejected_hessian_coordinates", "gamma")
 
 
 @dataclasses.dataclass
@@ -45,6 +51,9 @@ class Snapshot:
     ms: list[np.ndarray]
     hs: list[np.ndarray]
     step: int
+    #: Counters from :data:`COUNTERS` as Python numbers (``gamma`` only when
+    #: the scenario sets a target unclipped share).
+    counters: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,16 +64,21 @@ class Trajectory:
     ms: list[np.ndarray]
     hs: list[np.ndarray]
     steps: np.ndarray
+    #: Each reported counter after every step (float64; exact for counts).
+    counters: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_snapshots(cls, snapshots: list[Snapshot]) -> Trajectory:
         n = len(snapshots[0].params)
         stack = lambda field, p: np.stack([getattr(s, field)[p] for s in snapshots])  # noqa: E731
+        names = [k for k in COUNTERS if all(k in s.counters for s in snapshots)]
         return cls(
             params=[stack("params", p) for p in range(n)],
             ms=[stack("ms", p) for p in range(n)],
             hs=[stack("hs", p) for p in range(n)],
             steps=np.asarray([s.step for s in snapshots], dtype=np.int64),
+            counters={k: np.asarray([s.counters[k] for s in snapshots], dtype=np.float64)
+                      for k in names},
         )
 
 

@@ -12,7 +12,14 @@ import dataclasses
 
 import numpy as np
 
-from sophia_core import Hyperparameters, hessian_ema, init_state, portable, sophia_update
+from sophia_core import (
+    Hyperparameters,
+    fold_hessian,
+    gamma_for_unclipped_share,
+    init_state,
+    portable,
+    sophia_update,
+)
 
 from ..scenarios import round_to_bfloat16, state_dtype, storage_dtype
 from . import Driver, Snapshot, Trajectory
@@ -37,17 +44,23 @@ class NumpyDriver(Driver):
         self.params = [self._asarray(p, storage_dtype(dtype)) for p in params]
         self.states = [init_state(p, xp=self.xp) for p in self.params]
         self.completed = 0
+        self.refreshes = self.rejected = 0
+        self.gamma = self.hyper.gamma
 
     def refresh(self, hhats):
         compute = state_dtype(self.dtype)
-        self.states = [
-            s._replace(h=hessian_ema(s.h, self._asarray(hhat, compute), b2=self.hyper.b2,
-                                     xp=self.xp))
-            for s, hhat in zip(self.states, hhats, strict=True)
-        ]
+        hs, rejected = fold_all([s.h for s in self.states],
+                                [self._asarray(hhat, compute) for hhat in hhats],
+                                self.hyper, self.refreshes + 1, self.xp)
+        self.states = [s._replace(h=h) for s, h in zip(self.states, hs, strict=True)]
+        self.refreshes += 1
+        self.rejected += rejected
+        self.gamma = next_gamma([s.m for s in self.states], hs, self.hyper, self.gamma,
+                                self.completed, self.xp)
 
     def step(self, grads):
         kwargs = self.hyper.update_kwargs()
+        kwargs["gamma"] = self.gamma
         if self.learning_rates is not None:
             kwargs["lr"] = float(self.learning_rates[self.completed])
         new = [
@@ -68,6 +81,7 @@ class NumpyDriver(Driver):
             ms=[self._to_numpy(s.m) for s in self.states],
             hs=[self._to_numpy(s.h) for s in self.states],
             step=self.completed,
+            counters=counters(self.hyper, self.refreshes, self.rejected, self.gamma),
         )
 
     def export_state(self, path):
@@ -130,12 +144,19 @@ class ReferenceDriver(NumpyDriver):
         state = init_state(theta, xp=xp)
         record = {k: np.empty((steps, theta.shape[0]), dtype=compute) for k in "mh"}
         record["p"] = np.empty((steps, theta.shape[0]), dtype=store)
+        refreshes = rejected = 0
+        gamma = hyper.gamma
+        recorded_counters = []
         for t in range(steps):
             if t in refresh_index:
                 hhat = self._asarray(hhats[refresh_index[t]], compute)
-                state = state._replace(h=hessian_ema(state.h, hhat, b2=hyper.b2, xp=xp))
+                (h,), count = fold_all([state.h], [hhat], hyper, refreshes + 1, xp)
+                state = state._replace(h=h)
+                refreshes, rejected = refreshes + 1, rejected + count
+                gamma = next_gamma([state.m], [h], hyper, gamma, t, xp)
             if streams.learning_rates is not None:
                 kwargs["lr"] = float(streams.learning_rates[t])
+            kwargs["gamma"] = gamma
             theta, state = sophia_update(theta, self._asarray(grads[t], store), state,
                                          step=t + 1, xp=xp, **kwargs)
             if dtype == "bfloat16":
@@ -143,11 +164,41 @@ class ReferenceDriver(NumpyDriver):
             record["p"][t] = self._to_numpy(theta)
             record["m"][t] = self._to_numpy(state.m)
             record["h"][t] = self._to_numpy(state.h)
+            recorded_counters.append(counters(hyper, refreshes, rejected, gamma))
         bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         split = lambda a: [a[:, lo:hi].reshape(steps, *s)  # noqa: E731
                            for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes, strict=True)]
         return Trajectory(params=split(record["p"]), ms=split(record["m"]),
-                          hs=split(record["h"]), steps=np.arange(1, steps + 1, dtype=np.int64))
+                          hs=split(record["h"]), steps=np.arange(1, steps + 1, dtype=np.int64),
+                          counters={k: np.asarray([c[k] for c in recorded_counters])
+                                    for k in recorded_counters[0]})
+
+
+def fold_all(hs, hhats, hyper, refresh, xp):
+    """Fold one estimate per parameter (SPEC 2 with the non-finite policy):
+    the new h's and the number of rejected coordinates."""
+    folds = [fold_hessian(h, hhat, b2=hyper.b2, refresh=refresh,
+                          bias_correction=hyper.hessian_bias_correction, xp=xp)
+             for h, hhat in zip(hs, hhats, strict=True)]
+    return [f.h for f in folds], sum(int(f.rejected) for f in folds)
+
+
+def next_gamma(ms, hs, hyper, gamma, completed, xp):
+    """gamma after a refresh: from the target unclipped share, if one is set."""
+    if hyper.target_unclipped_share is None:
+        return gamma
+    return gamma_for_unclipped_share(
+        ms, hs, target=hyper.target_unclipped_share, gamma=gamma,
+        clip_threshold=hyper.clip_threshold, b1=hyper.b1, step=max(completed, 1),
+        bias_correction=hyper.bias_correction, xp=xp)
+
+
+def counters(hyper, refreshes, rejected, gamma) -> dict:
+    """The counters a Snapshot reports (see ``drivers.COUNTERS``)."""
+    values = {"hessian_refreshes": refreshes, "rejected_hessian_coordinates": rejected}
+    if hyper.target_unclipped_share is not None:
+        values["gamma"] = float(gamma)
+    return values
 
 
 def _portable_hyperparameters(hyper) -> dict:

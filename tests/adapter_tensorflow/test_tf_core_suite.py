@@ -17,8 +17,7 @@ import sys
 import pytest
 from tf_support import tf
 
-import sophia_core._estimators
-import sophia_core._update
+import sophia_core  # noqa: F401 - its submodules are patched below
 from sophia_tf import tf_namespace
 
 CORE_TESTS = pathlib.Path(__file__).parent.parent / "core"
@@ -79,8 +78,10 @@ def test_core_test_on_tf_shim(function, error, dtype_name, monkeypatch):
     def namespace_of(*arrays, xp=None):
         return tf_namespace if xp is None else xp
 
-    for module in (sophia_core._update, sophia_core._estimators):
-        monkeypatch.setattr(module, "namespace_of", namespace_of)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("sophia_core.") and hasattr(
+                module, "namespace_of"):
+            monkeypatch.setattr(module, "namespace_of", namespace_of)
     kwargs = {"xp": _TestNamespace()}
     if dtype_name is not None:
         kwargs["dtype_name"] = dtype_name

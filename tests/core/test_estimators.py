@@ -124,3 +124,31 @@ def test_gaussian_hutchinson_is_unbiased(xp):
 def test_probe_kind_is_validated(xp):
     with pytest.raises(ValueError, match="probe"):
         sc.probe_from_noise(xp.asarray(np.zeros(3)), probe="bernoulli")
+
+
+def test_rademacher_probe_is_minus_one_for_exactly_half_of_the_noise(xp):
+    """u = -1 iff noise < 0.5: on an even grid of [0, 1) exactly half are -1."""
+    grid = np.arange(4096) / 4096
+    u = to_numpy(sc.probe_from_noise(xp.asarray(grid), probe="rademacher"))
+    assert set(u.tolist()) == {-1.0, 1.0}
+    np.testing.assert_array_equal(u, np.where(grid < 0.5, -1.0, 1.0))
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased_for_a_dense_hessian(xp, probe):
+    """E[u * (A u)] = diag(A) needs E[u_i u_j] = 0: mean-zero, independent probes.
+
+    A probe whose -1 had probability 0.25 would give diag(A) + 0.25 * (row
+    sums off the diagonal) and fail here; a diagonal A cannot tell.
+    """
+    rng = np.random.default_rng(7)
+    # Off-diagonal rows summing to 3: such a probe would be off by 0.75.
+    hessian = np.ones((4, 4)) + np.diag([2.0, -2.0, -0.5, 1.0])
+    n = 3000
+    draw = rng.random if probe == "rademacher" else rng.standard_normal
+    probes = [sc.probe_from_noise(xp.asarray(draw(4)), probe=probe) for _ in range(n)]
+    hvps = [xp.matmul(xp.asarray(hessian), u) for u in probes]
+    hhat = to_numpy(sc.hutchinson_estimate(probes, hvps))
+    # per-probe variance of u_i (A u)_i is at most sum_j A_ij^2 (+ A_ii^2 for Gaussian)
+    sd = np.sqrt((hessian**2).sum(1) + np.diag(hessian) ** 2)
+    assert np.all(np.abs(hhat - np.diag(hessian)) <= 5 * sd / np.sqrt(n))

@@ -6,9 +6,11 @@ the same draw.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from backend_support import to_numpy
+from backend_support import require, to_numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -30,13 +32,15 @@ def finite(dtype, max_value):
 def cases(draw, dtype_name):
     dtype = DTYPES[dtype_name]
     n = draw(st.integers(1, 12))
-    big = float(np.finfo(dtype).max) / 4
+    big = float(np.finfo(dtype).max)  # up to the largest finite value
     arrays = [draw(hnp.arrays(dtype, (n,), elements=finite(dtype, big))) for _ in range(4)]
     hp = dict(
         step=draw(st.integers(1, 10_000)),
         lr=draw(st.floats(0.0, 1.0)),
-        b1=draw(st.floats(0.0, 0.999)),
-        gamma=draw(st.floats(0.0, 100.0)),
+        # b1 = 0.5 exactly: XLA may rewrite 0.5*m + 0.5*g as 0.5*(m + g)
+        b1=draw(st.one_of(st.just(0.5), st.floats(0.0, 0.999))),
+        # gamma > 1 with bias correction overflowed gamma*h and mhat together
+        gamma=draw(st.one_of(st.floats(0.0, 100.0), finite(dtype, big).map(abs))),
         weight_decay=draw(st.floats(0.0, 1.0)),
         eps=draw(st.sampled_from([1e-12, 1e-8, 1e-3])),
         clip_threshold=draw(st.floats(0.01, 10.0)),
@@ -121,3 +125,47 @@ def test_narrow_dtypes_stay_finite(xp, narrow, data):
     new_param, new_state = sc.sophia_update(param, grad, state, **hp)
     assert new_param.dtype == dtype
     assert np.all(np.isfinite(to_numpy(xp.astype(new_param, xp.float32))))
+
+
+EXTREMES = {"float32": float(np.finfo(np.float32).max), "float64": float(np.finfo(np.float64).max)}
+
+
+def extreme_grid(dtype_name):
+    """Every combination of the largest finite values that made NaN before."""
+    big = EXTREMES[dtype_name]
+    values = np.array([big, -big, 1.0, 0.0], dtype=dtype_name)
+    m, h, g = (a.ravel() for a in np.meshgrid(values, np.abs(values), values))
+    param = np.full_like(m, 1.0)
+    for bias_correction, gamma, b1 in itertools.product(
+            (False, True), (0.04, 2.0, 1e30, big), (0.5, 0.9, 0.999)):
+        hp = dict(step=1, lr=1e-3, b1=b1, gamma=gamma, weight_decay=0.1, eps=1e-12,
+                  clip_threshold=1.0, bias_correction=bias_correction, maximize=False)
+        yield [param, g, m, h], hp
+
+
+def test_largest_finite_values_give_a_bounded_step(xp, dtype_name):
+    """No NaN from finite inputs: overflow of mhat or gamma*h still gives |step| <= lr*c."""
+    for arrays, hp in extreme_grid(dtype_name):
+        new_param, new_m = run(xp, dtype_name, arrays, hp)
+        assert np.all(np.isfinite(new_param)), hp
+        assert not np.any(np.isnan(new_m)), hp
+        decayed = arrays[0].astype(np.float64) * (1 - hp["lr"] * hp["weight_decay"])
+        slack = 4 * np.finfo(dtype_name).eps * (np.abs(decayed) + hp["lr"])
+        assert np.all(np.abs(new_param - decayed) <= hp["lr"] + slack), hp
+
+
+def test_jitted_update_of_the_largest_values_stays_finite():
+    """Under jax.jit XLA rewrites 0.5*m + 0.5*g as 0.5*(m + g), which overflows."""
+    jax = require("jax")
+    import jax.numpy as jnp
+
+    for dtype_name in ("float32", "float64"):
+        if dtype_name == "float64" and not jax.config.jax_enable_x64:
+            continue
+        for arrays, hp in extreme_grid(dtype_name):
+            def update(param, grad, m, h, hp=hp):
+                return sc.sophia_update(param, grad, sc.SophiaState(m, h), xp=jnp, **hp)
+
+            new_param, state = jax.jit(update)(*(jnp.asarray(a) for a in arrays))
+            assert np.all(np.isfinite(np.asarray(new_param))), (dtype_name, hp)
+            assert not np.any(np.isnan(np.asarray(state.m))), (dtype_name, hp)
