@@ -104,9 +104,9 @@ class Trainer:
         if not self.sophia:
             return None
         states = [self.opt.state[p] for p in self.params]
-        c = self.config
         value = unclipped_share([s["m"] for s in states], [s["h"] for s in states],
-                                gamma=c.sophia_gamma, eps=1e-12, clip_threshold=1.0)
+                                gamma=self.opt.param_groups[0]["gamma"], eps=1e-12,
+                                clip_threshold=1.0)
         return float(value)
 
 
