@@ -64,16 +64,17 @@ from lm_demo.common import (  # noqa: E402
     visible_cpus,
 )
 
-#: Peak learning rates of the full study: a factor-2 grid of four per optimizer.
-ADAMW_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
-SOPHIA_LRS = (1e-4, 2e-4, 4e-4, 8e-4)
+#: Peak learning rates of the full study: a factor-2 grid of five per
+#: optimizer; each best has a worse neighbour on both sides (measured).
+ADAMW_LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+SOPHIA_LRS = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
 #: The quick (smoke) run: the tiny model, three rates each.
 QUICK_ADAMW_LRS = (5e-3, 1e-2, 2e-2)
 QUICK_SOPHIA_LRS = (3e-3, 1e-2, 3e-2)
 QUICK_STEPS = 30
 #: gamma values tried at Sophia-G's best lr (besides the config's): 1e-12
 #: makes every step a sign step.
-GAMMAS = (1e-12, 5.0)
+GAMMAS = (1e-12, 1.0, 5.0)
 #: A second Sophia-G sweep at a large gamma (most coordinates unclipped), at
 #: these multiples of Sophia-G's best lr: where its best lr lies then.
 HIGH_GAMMA = 5.0
@@ -631,8 +632,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, help="worker processes (default: idle CPUs)")
     parser.add_argument("--out", default="study_results",
                         help="folder for study.json and study.png")
-    parser.add_argument("--reuse", metavar="STUDY_JSON",
-                        help="take runs with identical settings from an earlier study.json")
+    parser.add_argument("--reuse", metavar="STUDY_JSON", nargs="+",
+                        help="take runs with identical settings from earlier study.json files")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "optimizer does not accept it")
     sweep = ([Arm("sweep", "adamw", lr) for lr in adamw_lrs]
              + [Arm("sweep", "sophia-g", lr) for lr in sophia_lrs])
-    reuse = recorded_runs(args.reuse) if args.reuse else {}
+    reuse = {key: run for path in args.reuse or () for key, run in recorded_runs(path).items()}
     runner = Runner(args.backend, jobs, (len(sweep) + n_arms) * steps,
                     progress=not args.no_progress, reuse=reuse)
     log = runner.bar.write if not args.no_progress else print
