@@ -16,7 +16,7 @@ busy, see ``default_jobs``).
    whose per-step shrinkage matches AdamW's), and the core-v2 options
    ``hessian_bias_correction=True`` and ``target_unclipped_share`` 0.3 and
    0.9 (only where the installed adapter accepts them: PyTorch); and a
-   Sophia-G sweep at gamma 5 (0.5 to 4 times that lr), which shows how the
+   Sophia-G sweep at gamma 5 (0.5 to 8 times that lr), which shows how the
    best lr moves with the unclipped share.
 
 Reported: for each optimizer's best run, the steps it needs to reach the
@@ -78,7 +78,7 @@ GAMMAS = (1e-12, 1.0, 5.0)
 #: A second Sophia-G sweep at a large gamma (most coordinates unclipped), at
 #: these multiples of Sophia-G's best lr: where its best lr lies then.
 HIGH_GAMMA = 5.0
-HIGH_GAMMA_LR_FACTORS = (0.5, 1.0, 2.0, 4.0)
+HIGH_GAMMA_LR_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
 #: The sweeps' groups: (name in the records, optimizer).
 SWEEPS = (("sweep", "adamw"), ("sweep", "sophia-g"), ("sweep high gamma", "sophia-g"))
 TARGET_SHARES = (0.3, 0.9)
@@ -510,29 +510,35 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
             r["label"].split(", ", 1)[1] if ", " in r["label"] else r["label"] for r in arms]
         values = [best["sophia-g"]["final_validation"]] + [_final(r) for r in arms]
         y = np.arange(len(values))
+        low = min(values + [best.get("adamw", {}).get("final_validation", min(values))])
+        high_x = min(max(values), values[0] + 0.6) + 0.25  # an outlier does not squash the rest
         ax.barh(y, values, color=["tab:red"] + ["salmon"] * len(arms))
         for yi, r in zip(y[1:], arms, strict=True):
             share = _share_end(r)
-            if share is not None:
-                ax.text(values[yi], yi, f" share {share:.2f}", va="center", fontsize=8)
+            text = f" {values[yi]:.2f}" + ("" if share is None else f", share {share:.2f}")
+            if values[yi] < high_x - 0.5:
+                ax.text(values[yi], yi, text, va="center", fontsize=8)
+            else:  # off the scale: the number inside the bar
+                ax.text(high_x - 0.02, yi, text + " (off scale)", va="center", ha="right",
+                        fontsize=8, color="white", fontweight="bold")
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
-        low = min(values + [best.get("adamw", {}).get("final_validation", min(values))])
-        ax.set_xlim(low - 0.1, max(values) + 0.15)
+        ax.set_xlim(low - 0.1, high_x)
         if "adamw" in best:
             ax.axvline(best["adamw"]["final_validation"], color="tab:blue", ls="--",
                        label="best AdamW")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper right")
     ax.set(xlabel="final validation loss", title="Sophia-G arms at its best lr")
 
     ax = axes[1, 0]
     cmap = plt.get_cmap("Reds")
     s_sweep = sorted((r for r in sweep if r["optimizer"] == "sophia-g"), key=lambda r: r["lr"])
+    best_high = summary.get("best_high_gamma", {}).get("lr")
     for r in high:
-        if r["unclipped_share"]:
+        if r["unclipped_share"] and r["lr"] == best_high:
             steps, shares = zip(*r["unclipped_share"], strict=True)
-            ax.plot(steps, shares, color="darkorange", lw=0.9, alpha=0.6,
-                    label=f"gamma {r['sophia_gamma']:g}, lr {r['lr']:g}")
+            ax.plot(steps, shares, color="darkorange", lw=1.4,
+                    label=f"gamma {r['sophia_gamma']:g}, lr {r['lr']:g} (its best)")
     for i, r in enumerate(s_sweep):
         if r["unclipped_share"]:
             steps, shares = zip(*r["unclipped_share"], strict=True)
@@ -544,9 +550,9 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
                                               r["sophia_gamma"] for h in high)):
             steps, shares = zip(*r["unclipped_share"], strict=True)
             ax.plot(steps, shares, ls=":", lw=1.4, label=r["label"].split(", ", 1)[-1])
-    ax.set(xlabel="step", ylabel="unclipped share", ylim=(0, 1),
+    ax.set(xlabel="step", ylabel="unclipped share", ylim=(0, 1.6), yticks=np.linspace(0, 1, 6),
            title="Share of coordinates not clipped (Sophia-G)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6.5, ncol=2, loc="upper left", framealpha=0.9)
 
     ax = axes[1, 1]
     for i, r in enumerate(s_sweep):
@@ -555,6 +561,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> pat
             ax.plot(steps, 100 * np.asarray(shares),
                     color=cmap(0.35 + 0.65 * i / max(1, len(s_sweep) - 1)),
                     label=f"lr {r['lr']:g}: {100 * r['refresh_s'] / r['wall_s']:.1f} % overall")
+    ax.axhline(5, color="gray", ls="--", lw=0.8, label="the paper: about 5 %")
     ax.set(xlabel="step", ylabel="% of training time",
            title="Hessian refresh's share of the time, per evaluation window")
     ax.set_ylim(bottom=0)
@@ -617,6 +624,35 @@ def arms_at(lr: float, adamw_lr: float, config: Config, available: dict[str, boo
     return arms
 
 
+def _title(config: Config, backend: str) -> str:
+    return (f"Sophia-G vs AdamW, equal lr budgets: byte-level GPT "
+            f"{config.n_layer}x{config.n_embd}, {config.steps} steps x "
+            f"{config.tokens_per_step} tokens ({backend})")
+
+
+def _report(report: dict, png: pathlib.Path, out: pathlib.Path) -> None:
+    print()
+    print(tables(report["runs"], report["summary"]))
+    print()
+    print("headline: " + report["headline"])
+    print(f"results: {out / 'study.json'}, plot: {png}")
+    print(f"machine: {report['machine']}; {report['load_at_start']} at start, "
+          f"{report['load_at_end']} at end; {report['seconds']:.0f} s in all "
+          f"({report['jobs']} worker(s))")
+
+
+def replot(out: pathlib.Path) -> dict:
+    """Redraw study.png and print the tables from a finished study.json."""
+    report = json.loads((out / "study.json").read_text())
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in report["config"].items() if k in fields})
+    png = plot(report["runs"], report["summary"], out / "study.png",
+               _title(config, report["backend"]))
+    _report(report, png, out)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("torch", "jax", "tensorflow"), default="torch")
@@ -635,7 +671,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reuse", metavar="STUDY_JSON", nargs="+",
                         help="take runs with identical settings from earlier study.json files")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plot and tables from --out's study.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(pathlib.Path(args.out))
 
     config = Config(**PRESETS["tiny" if args.quick else "default"])
     steps = args.steps or (QUICK_STEPS if args.quick else config.steps)
@@ -695,18 +735,8 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(runs=records, summary=summary, headline=headline(summary),
                   load_at_end=load_average(), seconds=time.perf_counter() - started)
     (out / "study.json").write_text(json.dumps(report, indent=1))
-    title = (f"Sophia-G vs AdamW, equal lr budgets: byte-level GPT "
-             f"{config.n_layer}x{config.n_embd}, {steps} steps x {config.tokens_per_step} "
-             f"tokens ({args.backend})")
-    png = plot(records, summary, out / "study.png", title)
-    print()
-    print(tables(records, summary))
-    print()
-    print("headline: " + report["headline"])
-    print(f"results: {out / 'study.json'}, plot: {png}")
-    print(f"machine: {report['machine']}; {report['load_at_start']} at start, "
-          f"{report['load_at_end']} at end; {report['seconds']:.0f} s in all "
-          f"({jobs} worker(s))")
+    png = plot(records, summary, out / "study.png", _title(config, args.backend))
+    _report(report, png, out)
     return report
 
 

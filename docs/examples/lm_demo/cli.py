@@ -42,6 +42,9 @@ def build_config(args: argparse.Namespace) -> Config:
         "steps": args.steps, "adamw_lr": args.adamw_lr, "sophia_lr": args.sophia_lr,
         "sophia_gamma": args.gamma, "seed": args.seed, "batch_size": args.batch_size,
         "hessian_interval": args.hessian_interval,
+        "sophia_weight_decay": args.sophia_weight_decay,
+        "sophia_target_unclipped_share": args.target_unclipped_share,
+        "sophia_hessian_bias_correction": args.hessian_bias_correction or None,
     }
     return config.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -61,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sophia-lr", type=float)
     p.add_argument("--gamma", type=float, help="Sophia's gamma (the authors' rho)")
     p.add_argument("--hessian-interval", type=int, help="k: refresh every k steps")
+    p.add_argument("--sophia-weight-decay", type=float)
+    p.add_argument("--hessian-bias-correction", action="store_true",
+                   help="Sophia option: bias-correct h's EMA (torch)")
+    p.add_argument("--target-unclipped-share", type=float,
+                   help="Sophia option: set gamma at each refresh for this share (torch)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch/TensorFlow (default: the CPUs not already busy "
