@@ -16,7 +16,7 @@ busy, see ``default_jobs``).
    whose per-step shrinkage matches AdamW's), and the core-v2 options
    ``hessian_bias_correction=True`` and ``target_unclipped_share`` 0.3 and
    0.9 (only where the installed adapter accepts them: PyTorch); and a
-   Sophia-G sweep at gamma 5 (0.5 to 8 times that lr), which shows how the
+   Sophia-G sweep at gamma 5 (1 to 8 times that lr), which shows how the
    best lr moves with the unclipped share.
 
 Reported: for each optimizer's best run, the steps it needs to reach the
@@ -78,7 +78,7 @@ GAMMAS = (1e-12, 1.0, 5.0)
 #: A second Sophia-G sweep at a large gamma (most coordinates unclipped), at
 #: these multiples of Sophia-G's best lr: where its best lr lies then.
 HIGH_GAMMA = 5.0
-HIGH_GAMMA_LR_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
+HIGH_GAMMA_LR_FACTORS = (1.0, 2.0, 4.0, 8.0)
 #: The sweeps' groups: (name in the records, optimizer).
 SWEEPS = (("sweep", "adamw"), ("sweep", "sophia-g"), ("sweep high gamma", "sophia-g"))
 TARGET_SHARES = (0.3, 0.9)
@@ -227,10 +227,12 @@ class Runner:
             key = run_key(self.backend, arm, base)
             if key in self.reuse:
                 result = RunResult.from_json(self.reuse[key])
+                self.done[len(self.done)] = result.steps
                 log(f"{arm.label}: reused, val {result.final_validation:.4f}")
                 on_done(arm, result, True)
             elif key in by_key:  # the same run twice in this batch: train it once
                 pending[by_key[key]].append(arm)
+                self.done[len(self.done)] = base.steps  # counted as done with the first
             else:
                 index = len(self.done)
                 self.done[index] = 0
@@ -636,9 +638,12 @@ def _report(report: dict, png: pathlib.Path, out: pathlib.Path) -> None:
     print()
     print("headline: " + report["headline"])
     print(f"results: {out / 'study.json'}, plot: {png}")
+    trained = [r for r in report["runs"] if not r["reused"]]
     print(f"machine: {report['machine']}; {report['load_at_start']} at start, "
           f"{report['load_at_end']} at end; {report['seconds']:.0f} s in all "
-          f"({report['jobs']} worker(s))")
+          f"({report['jobs']} worker(s)); {len(trained)} runs trained here, "
+          f"{len(report['runs']) - len(trained)} reused or repeated; the runs' training took "
+          f"{sum(r['cpu_s'] for r in trained):.0f} s of CPU time here")
 
 
 def replot(out: pathlib.Path) -> dict:
