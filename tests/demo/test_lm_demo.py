@@ -92,7 +92,7 @@ def test_explanation_reads_the_recorded_study(tmp_path: pathlib.Path) -> None:
         "steps_to_reach": {"sophia_steps_over_adamw": 2.75},
         "lr_ratio_adamw_over_sophia": 12.0}}))
     line = common.explain(runs, study=study)
-    assert line.startswith("why: AdamW ends lower here (2.10 AdamW, 2.60 Sophia-G)")
+    assert line.startswith("why: AdamW ends lower here (AdamW 2.10, Sophia-G 2.60)")
     assert "AdamW's / 12" in line and "0.25" in line and "2.8x AdamW's steps" in line
     missing = common.explain(runs, study=tmp_path / "absent.json")
     assert "nox -s study" in missing and "docs/study.md" in missing

@@ -314,7 +314,7 @@ def explain(results: list[RunResult], *, default: bool = True,
     if {"sophia-g", "adamw"} <= by_name.keys():
         s, a = by_name["sophia-g"].final_validation, by_name["adamw"].final_validation
         winner = "AdamW" if a < s else "Sophia-G"
-        text = f"why: {winner} ends lower here ({a:.2f} AdamW, {s:.2f} Sophia-G)"
+        text = f"why: {winner} ends lower here (AdamW {a:.2f}, Sophia-G {s:.2f})"
     else:
         text = "why"
     try:
@@ -322,11 +322,11 @@ def explain(results: list[RunResult], *, default: bool = True,
         best, ratio = summary["best"], summary["steps_to_reach"]["sophia_steps_over_adamw"]
         share = best["sophia-g"]["unclipped_share_end"]
         text += (
-            f"; the equal-budget study{'' if default else ' of the default settings'} "
-            f"(`nox -s study`, docs/study.md) found Sophia-G's best lr at AdamW's / "
-            f"{summary['lr_ratio_adamw_over_sophia']:.0f}, most coordinates clipped "
-            f"(unclipped share {share:.2f}, close to sign momentum) and "
-            f"{ratio:.1f}x AdamW's steps needed for the same loss at this model size")
+            f"; at this model size Sophia-G is close to sign momentum (unclipped share "
+            f"{share:.2f}), and the equal-budget study{'' if default else ' of the defaults'} "
+            f"(`nox -s study`, docs/study.md) found its best lr at AdamW's / "
+            f"{summary['lr_ratio_adamw_over_sophia']:.0f} and {ratio:.1f}x AdamW's steps "
+            f"needed for the same loss")
     except (OSError, KeyError, TypeError, ValueError):
         text += "; see the equal-budget study: `nox -s study`, docs/study.md"
     return text + "."
