@@ -10,8 +10,8 @@ Runs, in this order, until ``--budget-s`` would be passed (a run that would
 end after it is skipped and reported as such):
 
 1. PyTorch: AdamW and Sophia-G over equal learning-rate grids (three each,
-   a factor 3 apart, Sophia-G's centred on AdamW's / 10 as the CPU study
-   found), in the order middle, low, high;
+   a factor 3 apart, Sophia-G's centred on AdamW's / 20: the CPU study found
+   / 40 at gamma 0.2), in the order middle, low, high;
 2. PyTorch, at Sophia-G's best lr: gamma 1e-12 (sign momentum) and, where
    ``sophia_torch.Sophia`` accepts it, ``target_unclipped_share=0.3``;
 3. JAX: the best AdamW and Sophia-G settings again (a cross-check that
@@ -67,7 +67,7 @@ from study import headline, plot, steps_to_reach, summarize, tables  # noqa: E40
 #: The GPU size: about 25 M parameters, 16 M tokens per run.
 GPU_CONFIG = Config(n_layer=8, n_embd=512, n_head=8, context=256, batch_size=64, steps=1000,
                     eval_interval=50, validation_windows=256, eval_chunk=64,
-                    adamw_lr=1.5e-3, sophia_lr=1.5e-4)
+                    adamw_lr=1.5e-3, sophia_lr=7.5e-5)
 #: Learning-rate grids as multiples of the config's (middle first: if the
 #: budget runs out, the runs done are the informative ones).
 MULTIPLIERS = (1.0, 1 / 3, 3.0)
@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="study_gpu_results")
     args = parser.parse_args(argv)
 
+    import importlib.util
+
+    if importlib.util.find_spec("array_api_compat") is None:
+        raise SystemExit("sophia-xp needs array-api-compat (pure Python): install it, or carry "
+                         "its wheel to an offline machine (docs/study.md, the GPU version)")
     started = time.perf_counter()
     config = Config(**TINY) if args.tiny else GPU_CONFIG
     if args.steps:
