@@ -127,6 +127,22 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def study(session: nox.Session) -> None:
+    """The equal-budget study: Sophia-G against AdamW on the demo's model (~20 min).
+
+    Learning-rate sweeps of equal size that bracket each optimum, steps to
+    reach the other's best loss, the unclipped share and refresh share over
+    time, option arms; a PNG and a JSON in ``study_results/`` (``--out`` to
+    change). Not part of CI. ``-- --quick`` for a smoke run; ``-- --help``.
+    """
+    backend = registry.by_name(_option(session.posargs, "--backend", "torch"))
+    if backend.extra is None:
+        session.error(f"--backend must be one of torch, jax, tensorflow, got {backend.name!r}")
+    session.install(f".[{backend.extra}]", *DEMO_REQUIREMENTS)
+    session.run("python", "docs/benchmarks/study.py", *session.posargs)
+
+
+@nox.session
 def digits(session: nox.Session) -> None:
     """A small numpy-only example: softmax regression on scikit-learn's digits."""
     session.install(".", "scikit-learn")

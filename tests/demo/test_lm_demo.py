@@ -43,6 +43,9 @@ def test_tiny_demo_trains_and_plots(backend: str, tmp_path: pathlib.Path) -> Non
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "| sophia-g |" in completed.stdout and "| adamw |" in completed.stdout
+    # One line says what the result means and points to the study.
+    (why,) = [line for line in completed.stdout.splitlines() if line.startswith("why: ")]
+    assert "nox -s study" in why and "docs/study.md" in why
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = {run["optimizer"]: run for run in json.loads(record.read_text())["runs"]}
     assert set(runs) == {"sophia-g", "adamw"}
@@ -56,6 +59,43 @@ def test_tiny_demo_trains_and_plots(backend: str, tmp_path: pathlib.Path) -> Non
     assert sophia["refreshes"] == 3  # 30 steps, k = 10, refresh before steps 1, 11, 21
     assert 0 <= sophia["refresh_s"] < sophia["wall_s"]
     assert sophia["unclipped_share"] and all(0.0 <= f <= 1.0 for _, f in sophia["unclipped_share"])
+
+
+def _lm_demo():
+    sys.path.insert(0, str(DEMO.parent))
+    try:
+        import lm_demo.common
+        import lm_demo.data
+    finally:
+        sys.path.remove(str(DEMO.parent))
+    return lm_demo
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    common = _lm_demo().common
+    monkeypatch.setattr(common, "visible_cpus", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert common.default_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert common.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert common.default_threads() == 1
+
+
+def test_explanation_reads_the_recorded_study(tmp_path: pathlib.Path) -> None:
+    common = _lm_demo().common
+    runs = [common.RunResult("torch", "sophia-g", 1e-4, validation=[(10, 2.6)]),
+            common.RunResult("torch", "adamw", 1e-3, validation=[(10, 2.1)])]
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"summary": {
+        "best": {"sophia-g": {"unclipped_share_end": 0.25}},
+        "steps_to_reach": {"sophia_steps_over_adamw": 2.75},
+        "lr_ratio_adamw_over_sophia": 12.0}}))
+    line = common.explain(runs, study=study)
+    assert line.startswith("why: AdamW ends lower here (AdamW 2.10, Sophia-G 2.60)")
+    assert "AdamW's / 12" in line and "0.25" in line and "2.8x AdamW's steps" in line
+    missing = common.explain(runs, study=tmp_path / "absent.json")
+    assert "nox -s study" in missing and "docs/study.md" in missing
 
 
 def test_corpus_is_deterministic_and_split_by_file() -> None:

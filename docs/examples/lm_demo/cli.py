@@ -16,11 +16,14 @@ from .common import (
     PRESETS,
     Config,
     count_params,
+    default_threads,
+    explain,
     format_table,
     load_average,
     machine,
     plot,
     save_results,
+    visible_cpus,
 )
 from .data import Batches, load_corpus
 
@@ -39,6 +42,9 @@ def build_config(args: argparse.Namespace) -> Config:
         "steps": args.steps, "adamw_lr": args.adamw_lr, "sophia_lr": args.sophia_lr,
         "sophia_gamma": args.gamma, "seed": args.seed, "batch_size": args.batch_size,
         "hessian_interval": args.hessian_interval,
+        "sophia_weight_decay": args.sophia_weight_decay,
+        "sophia_target_unclipped_share": args.target_unclipped_share,
+        "sophia_hessian_bias_correction": args.hessian_bias_correction or None,
     }
     return config.replace(**{k: v for k, v in changes.items() if v is not None})
 
@@ -58,8 +64,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sophia-lr", type=float)
     p.add_argument("--gamma", type=float, help="Sophia's gamma (the authors' rho)")
     p.add_argument("--hessian-interval", type=int, help="k: refresh every k steps")
+    p.add_argument("--sophia-weight-decay", type=float)
+    p.add_argument("--hessian-bias-correction", action="store_true",
+                   help="Sophia option: bias-correct h's EMA (torch)")
+    p.add_argument("--target-unclipped-share", type=float,
+                   help="Sophia option: set gamma at each refresh for this share (torch)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="CPU threads for the framework")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch/TensorFlow (default: the CPUs not already busy "
+                        "by the load average, at least 1)")
     p.add_argument("--out", default="lm_demo_{backend}.png", help="PNG path ({backend} filled in)")
     p.add_argument("--json", help="also write the runs as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -82,19 +95,24 @@ def main(argv: list[str] | None = None) -> list:
     print(f"model: {config.n_layer} layers, d={config.n_embd}, {config.n_head} heads, "
           f"context {config.context}, {count_params(config) / 1e6:.2f} M parameters; "
           f"{config.steps} steps of {config.tokens_per_step} tokens")
-    print(f"machine: {machine()}")
+    threads = args.threads or default_threads()
+    print(f"machine: {machine()}; {load_average()}")
+    if args.backend != "jax":
+        print(f"threads: {threads}" + ("" if args.threads else
+              f" (of {visible_cpus()} CPUs, fewer when the machine is busy; --threads N to set)"))
     results = []
     for name in optimizers:
         lr = config.sophia_lr if name == "sophia-g" else config.adamw_lr
         results.append(module.train(config, batches, name, lr, progress=not args.no_progress,
-                                    threads=args.threads))
+                                    threads=threads))
     print()
     print(format_table(results))
     print("CPU time (all threads): " + ", ".join(f"{r.optimizer} {r.cpu_s:.1f} s" for r in results))
     print("wall time: training steps including Hessian refreshes (validation excluded); "
           "refresh share: what the refresh steps took beyond a plain step; "
           "unclipped share: coordinates whose Sophia step is not clipped "
-          "(sophia_core.unclipped_share; the authors aim for 0.1-0.5).")
+          "(sophia_core.unclipped_share).")
+    print(explain(results, default=config == Config()))
     out = pathlib.Path(args.out.format(backend=args.backend))
     title = (f"byte-level GPT on the CPython stdlib ({args.backend}, "
              f"{config.n_layer}x{config.n_embd}, "

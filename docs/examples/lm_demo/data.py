@@ -19,7 +19,7 @@ import sysconfig
 
 import numpy as np
 
-__all__ = ["Batches", "Corpus", "load_corpus"]
+__all__ = ["Batches", "Corpus", "load_corpus", "load_python_sources"]
 
 #: Byte-level model: the vocabulary is the 256 byte values.
 VOCAB_SIZE = 256
@@ -37,10 +37,12 @@ class Corpus:
     validation: np.ndarray
     files: tuple[str, ...]
     digest: str
+    #: What the files are, for :meth:`describe`.
+    source: str = "stdlib"
 
     def describe(self) -> str:
         return (
-            f"{len(self.files)} stdlib files, {self.train.size / 1e6:.2f} MB train / "
+            f"{len(self.files)} {self.source} files, {self.train.size / 1e6:.2f} MB train / "
             f"{self.validation.size / 1e6:.2f} MB validation, sha256 {self.digest[:12]}"
         )
 
@@ -71,6 +73,58 @@ def load_corpus(root: str | pathlib.Path | None = None) -> Corpus:
         files=tuple(p.name for p in files),
         digest=digest.hexdigest(),
     )
+
+
+def python_source_files(max_bytes: int) -> list[pathlib.Path]:
+    """Every ``*.py`` file of the interpreter's standard library and site-packages.
+
+    Recursive, in a fixed order (standard library first, each root sorted by
+    path); when they hold more than ``max_bytes``, every n-th file so that
+    the total stays under it (the sample spans all packages).
+    """
+    paths = sysconfig.get_paths()
+    roots = list(dict.fromkeys(pathlib.Path(paths[k]).resolve()
+                               for k in ("stdlib", "purelib", "platlib")))
+    files: list[pathlib.Path] = []
+    for index, root in enumerate(roots):
+        found = sorted(root.rglob("*.py"))
+        if index == 0:  # the standard library folder holds site-packages too
+            found = [f for f in found if not {"site-packages", "dist-packages"}
+                     & set(f.relative_to(root).parts)]
+        files += found
+    files = list(dict.fromkeys(f for f in files if f.is_file()))
+    sizes = [f.stat().st_size for f in files]
+    stride = max(1, -(-sum(sizes) // max_bytes))
+    chosen, total = [], 0
+    for f, size in zip(files[::stride], sizes[::stride], strict=True):
+        if total + size > max_bytes:
+            break
+        chosen.append(f)
+        total += size
+    if not chosen:
+        raise FileNotFoundError("no *.py files in the interpreter's library folders")
+    return chosen
+
+
+def load_python_sources(max_bytes: int = 64 * 2**20) -> Corpus:
+    """A larger corpus: the Python sources installed with the interpreter.
+
+    Standard library and site-packages, recursively (:func:`python_source_files`);
+    every tenth file held out for validation, as in :func:`load_corpus`.
+    Exists on any machine with Python, offline included; its content depends
+    on what is installed (:meth:`Corpus.describe` reports a digest).
+    """
+    train, validation, names = [], [], []
+    digest = hashlib.sha256()
+    for index, path in enumerate(python_source_files(max_bytes)):
+        text = path.read_bytes()
+        digest.update(str(path).encode() + b"\0" + text)
+        names.append(str(path))
+        split = validation if index % VALIDATION_EVERY == VALIDATION_EVERY - 1 else train
+        split.append(text)
+    as_array = lambda parts: np.frombuffer(SEPARATOR.join(parts), dtype=np.uint8)  # noqa: E731
+    return Corpus(train=as_array(train), validation=as_array(validation), files=tuple(names),
+                  digest=digest.hexdigest(), source="Python (stdlib and site-packages)")
 
 
 class Batches:

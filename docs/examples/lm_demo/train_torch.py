@@ -52,12 +52,17 @@ class Trainer:
         if self.sophia:
             import sophia_torch
 
+            options = {}  # core v2 options, passed only when the config turns them on
+            if config.sophia_hessian_bias_correction:
+                options["hessian_bias_correction"] = True
+            if config.sophia_target_unclipped_share is not None:
+                options["target_unclipped_share"] = config.sophia_target_unclipped_share
             self.opt = sophia_torch.Sophia(
                 self.params, lr=lr, betas=(config.sophia_b1, config.sophia_b2),
                 gamma=config.sophia_gamma, weight_decay=config.sophia_weight_decay,
                 hessian_interval=config.hessian_interval,
                 hessian_batch_fraction=config.hessian_fraction,
-                generator=torch.Generator().manual_seed(config.seed),
+                generator=torch.Generator().manual_seed(config.seed), **options,
             )
         else:
             self.opt = torch.optim.AdamW(
