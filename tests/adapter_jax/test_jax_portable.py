@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +11,6 @@ from jax_helpers import given
 
 import sophia_jax
 from sophia_core import portable
-
-# Named tensors and counters are portable format v2 (CORE_V2 section 8), on
-# its own branch until the lead merges it; then this marker can go.
-pytestmark = pytest.mark.skipif(
-    "names" not in inspect.signature(portable.save_state).parameters,
-    reason="sophia_core.portable v2 (names=, counters=, expect=) is not merged yet")
 
 HYPER = dict(hessian_interval=2, target_unclipped_share=0.3)
 
