@@ -258,9 +258,10 @@ def fold_hessian(h: Any, hhat: Any, *, b2: Any, refresh: Any = None,
     check_floating("hhat", hhat, xp=xp)
     check_same_shape("h", h, "hhat", hhat)
     decay = hessian_decay(b2, refresh, bias_correction=bias_correction, dtype=h.dtype, xp=xp)
+    rest = 1.0 - decay  # formed before rounding: a float64 decay gives numpy's 1 - b2n
     if not isinstance(decay, (int, float)):
-        decay = xp.astype(decay, h.dtype)
-    candidate = decay * h + (1.0 - decay) * xp.astype(hhat, h.dtype, copy=False)
+        decay, rest = xp.astype(decay, h.dtype), xp.astype(rest, h.dtype)
+    candidate = decay * h + rest * xp.astype(hhat, h.dtype, copy=False)
     finite = xp.isfinite(candidate)
     rejected = xp.sum(xp.astype(~finite, xp.int32))
     return HessianFold(h=xp.where(finite, candidate, h), rejected=rejected)

@@ -34,9 +34,6 @@ def xla_expected_mode(scenario, dtype: str) -> tuple[str, str] | None:
     if scenario.hyperparameters.get("bias_correction"):
         return ("tolerance", "1 - b1**t: the step is an array, so the power runs in "
                 "the parameter dtype (numpy: Python float64 power, then one rounding)")
-    if scenario.hyperparameters.get("hessian_bias_correction"):
-        return ("tolerance", "the refresh count is an array: fold_hessian rounds the decay "
-                "b2n to h's dtype before forming 1 - b2n (numpy: 1 - b2n in float64)")
     if scenario.name == "tiny_gradients" and dtype != "float64":
         return "tolerance", "XLA's CPU code flushes subnormal results to zero (FTZ)"
     return None

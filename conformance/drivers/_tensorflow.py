@@ -63,10 +63,6 @@ class TensorflowDriver(Driver):
                     "results to zero (FTZ); eager ones do not")
         if BACKEND == "jax" and scenario.name == "tiny_gradients" and dtype != "float64":
             return "tolerance", "XLA's CPU code flushes subnormal results to zero (FTZ)"
-        if scenario.hyperparameters.get("hessian_bias_correction") and dtype != "float64":
-            return ("tolerance", "the refresh count is a variable: fold_hessian rounds the "
-                    "decay to the state dtype before forming 1 - decay (numpy: Python "
-                    "float64, then one rounding)")
         return super().expected_mode(scenario, dtype)
 
     def _tensor(self, array, dtype):
