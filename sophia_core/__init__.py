@@ -3,7 +3,8 @@
 The update rule, the Hessian EMA, the refresh schedule and the array parts of
 the Sophia-G (GNB) and Sophia-H (Hutchinson) estimators, as pure functions
 over any array-API namespace (numpy, array_api_strict, torch and jax.numpy
-through array-api-compat, TensorFlow through ``sophia_tf``'s shim).
+through array-api-compat; Keras, and so TensorFlow, through ``sophia_tf``'s
+namespace on ``keras.ops``).
 
 Importing this package imports no deep-learning framework. Framework
 packages (``sophia_torch``, ``sophia_jax``, ``sophia_tf``) add autodiff,
