@@ -69,11 +69,11 @@ def _loss_settings(model: Any) -> tuple[bool, int | None]:
 
 def _labels_mask(y: Any, logits: Any, ignore_index: int) -> Any:
     """Which positions count: integer labels shaped like ``logits[..., 0]``, else all."""
-    y = None if y is None else _single(y, "target")
+    y = None if y is None else ops.convert_to_tensor(_single(y, "target"))
     if y is None or "int" not in keras.backend.standardize_dtype(y.dtype) or \
             len(y.shape) != len(logits.shape) - 1:
         return None
-    return y != ops.cast(ignore_index, y.dtype)
+    return ops.not_equal(y, ops.cast(ignore_index, y.dtype))
 
 
 def _first_rows(data: Any, fraction: float) -> Any:

@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).parent
 BITWISE = ["test_keras_namespace.py", "test_keras_core_suite.py", "test_keras_optimizer.py",
            "test_keras_estimators.py"]
 TRAINING = ["test_keras_fit.py", "test_keras_portable.py", "test_keras_sparse.py",
-            "test_keras_docs.py"]
+            "test_keras_docs.py", "test_tf_fresh_noise.py"]
 RUNS = {
     "jax-x64": ("jax", {"JAX_ENABLE_X64": "1"}, BITWISE),
     "jax": ("jax", {"JAX_ENABLE_X64": "0"}, TRAINING),

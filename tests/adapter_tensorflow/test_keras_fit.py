@@ -226,3 +226,15 @@ def test_functional_and_subclassed_models_refresh_in_fit():
         model.fit(TOKENS, NEXT, batch_size=8, epochs=1, verbose=0)
         assert int(numpy_of(model.optimizer.hessian_refreshes)) == 3
         assert all(np.isfinite(h).all() for h in hessians(model))
+
+
+def test_refresh_hessian_takes_numpy_data_as_fit_does():
+    def h(convert):
+        model = language_model(sophia_tf.SophiaG(hessian_interval=1))
+        sophia_tf.refresh_hessian(model, (convert(TOKENS[:16]), convert(NEXT[:16])))
+        return hessians(model)
+
+    as_numpy = h(np.asarray)
+    assert any(float(np.abs(a).sum()) > 0 for a in as_numpy)
+    assert all(bitwise_equal(a, b)
+               for a, b in zip(as_numpy, h(keras.ops.convert_to_tensor), strict=True))
