@@ -74,7 +74,7 @@ class TensorflowDriver(Driver):
         # Keras on torch cannot hold trainable integer variables: the error
         # case hands the optimizer non-trainable ones.
         trainable = "float" in dtype
-        self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=f"p{i}",
+        self.variables = [keras.Variable(self._tensor(p, dtype), dtype=dtype, name=str(i),
                                          trainable=trainable) for i, p in enumerate(params)]
         lr = hyper.lr if learning_rates is None else _TableSchedule(learning_rates)
         # Keras keeps the learning rate in a variable of dtype floatx: a float64

@@ -30,7 +30,8 @@ def _streams(name="k10_authors_phase", dtype="float32", steps=STEPS, **changes):
 
 def _copy(t: Trajectory) -> Trajectory:
     return Trajectory([p.copy() for p in t.params], [m.copy() for m in t.ms],
-                      [h.copy() for h in t.hs], t.steps.copy())
+                      [h.copy() for h in t.hs], t.steps.copy(),
+                      {k: v.copy() for k, v in t.counters.items()})
 
 
 def test_scenario_table_covers_the_issue():
