@@ -8,7 +8,8 @@ which regime Sophia is in: near 0 every coordinate takes the sign step
 the authors tune :math:`\gamma` for 0.1 to 0.5. Raising :math:`\gamma`
 raises the share.
 
-Adapters evaluate these once per refresh, right after the fold:
+Adapters evaluate these once per refresh, right after the fold
+(:func:`after_fold` runs the three in order for one set of arrays):
 
 1. :func:`gamma_for_unclipped_share` when ``target_unclipped_share`` is set
    (the new gamma is used from the next step on);
@@ -23,6 +24,7 @@ all (every step so far was a sign step).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,8 @@ __all__ = [
     "SIGN_MOMENTUM_PATIENCE",
     "SIGN_MOMENTUM_SHARE",
     "SIGN_MOMENTUM_WARMUP",
+    "AfterFold",
+    "after_fold",
     "clip_fraction",
     "gamma_for_unclipped_share",
     "missing_refresh",
@@ -241,3 +245,47 @@ def gamma_for_unclipped_share(
     quantile = ordered[index]
     previous = xp.astype(xp.zeros_like(quantile) + gamma, quantile.dtype)
     return xp.where(xp.isfinite(quantile) & (quantile > 0), quantile, previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class AfterFold:
+    """What one refresh tells, right after its fold (see :func:`after_fold`)."""
+
+    #: The gamma of the next steps: from the target share, or the one given.
+    gamma: Any
+    #: The unclipped share at that gamma (0-d float array).
+    share: Any
+    #: The sign-momentum detector's streak, and whether to warn now.
+    streak: Any
+    warn: Any
+
+
+def after_fold(
+    ms: Sequence[Any],
+    hs: Sequence[Any],
+    *,
+    gamma: Any,
+    target: float | None,
+    streak: Any,
+    refreshes: Any,
+    eps: Any,
+    clip_threshold: Any,
+    b1: Any = 0.0,
+    step: Any = 1,
+    bias_correction: bool = False,
+    xp: Any = None,
+) -> AfterFold:
+    """Steps 1 to 3 above, in order, on the folded ``hs``.
+
+    ``gamma`` is the one in use (the last one set from ``target``, or the
+    hyperparameter); with a ``target`` the returned gamma is
+    :func:`gamma_for_unclipped_share`'s, else ``gamma`` itself. ``streak``
+    and ``refreshes`` (this fold included) feed :func:`sign_momentum_regime`.
+    """
+    statistics = dict(clip_threshold=clip_threshold, b1=b1, step=step,
+                      bias_correction=bias_correction, xp=xp)
+    if target is not None:
+        gamma = gamma_for_unclipped_share(ms, hs, target=target, gamma=gamma, **statistics)
+    share = unclipped_share(ms, hs, gamma=gamma, eps=eps, **statistics)
+    streak, warn = sign_momentum_regime(streak, share, refreshes=refreshes, xp=xp)
+    return AfterFold(gamma=gamma, share=share, streak=streak, warn=warn)

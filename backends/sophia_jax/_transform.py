@@ -373,27 +373,21 @@ class _Sophia:
             rejected = raise_if(r.rejected > _INT32_MAX - rejected, OverflowError,
                                 "sophia_jax: rejected_hessian_coordinates would pass 2**31 - 1; "
                                 "turn on 64-bit counters (JAX_ENABLE_X64=1)", rejected)
-        ms = treedef.flatten_up_to(m)
-        statistics = dict(clip_threshold=self.clip_threshold, b1=self.b1,
-                          step=_as_exponent(jnp.maximum(completed, 1)),
-                          bias_correction=self.bias_correction, xp=jnp)
-        gamma = r.gamma
-        if self.target is not None:
-            gamma = sophia_core.gamma_for_unclipped_share(
-                ms, hs, target=self.target, gamma=r.gamma, **statistics).astype(r.gamma.dtype)
-        share = sophia_core.unclipped_share(
-            ms, hs, gamma=gamma if self.target is not None else self.gamma, eps=self.eps,
-            **statistics)
-        streak, warn = sophia_core.sign_momentum_regime(r.streak, share, refreshes=refreshes,
-                                                        xp=jnp)
-        streak = streak.astype(r.streak.dtype)
+        after = sophia_core.after_fold(
+            treedef.flatten_up_to(m), hs, target=self.target,
+            gamma=self.gamma if self.target is None else r.gamma, streak=r.streak,
+            refreshes=refreshes, eps=self.eps, clip_threshold=self.clip_threshold, b1=self.b1,
+            step=_as_exponent(jnp.maximum(completed, 1)), bias_correction=self.bias_correction,
+            xp=jnp)
+        gamma = r.gamma if self.target is None else after.gamma.astype(r.gamma.dtype)
+        streak = after.streak.astype(r.streak.dtype)
         if self.warn_sign_momentum:
-            streak = self.warnings.warn("sign_momentum", warn,
+            streak = self.warnings.warn("sign_momentum", after.warn,
                                         lambda s: sophia_core.sign_momentum_message(float(s)),
-                                        streak, share)
+                                        streak, after.share)
         return _Refresh(h=treedef.unflatten(hs), key=key, refreshes=refreshes,
                         rejected=r.rejected + rejected, gamma=gamma,
-                        share=share.astype(r.share.dtype), streak=streak)
+                        share=after.share.astype(r.share.dtype), streak=streak)
 
     # -- the two steps -------------------------------------------------------------
 

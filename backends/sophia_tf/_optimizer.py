@@ -234,24 +234,21 @@ class Sophia(keras.optimizers.Optimizer):
                 rejected = new["rejected_hessian_coordinates"]
                 new["rejected_hessian_coordinates"] = rejected + ops.cast(fold.rejected,
                                                                           rejected.dtype)
-        ms = [m.value for m in self._momentums]
-        moments = dict(b1=self.beta_1, step=self._exact_count(ops.maximum(self.iterations, 1)),
-                       bias_correction=self.bias_correction, xp=xp)
-        if self.target_unclipped_share is None:
-            new["gamma"] = ops.convert_to_tensor(self.gamma, new["gamma"].dtype)
-        else:
-            new["gamma"] = sophia_core.gamma_for_unclipped_share(
-                ms, hs, target=self.target_unclipped_share, gamma=new["gamma"],
-                clip_threshold=self.clip_threshold, **moments)
-        share = sophia_core.unclipped_share(
-            ms, hs, gamma=self.gamma if self.target_unclipped_share is None else new["gamma"],
-            eps=self.epsilon, clip_threshold=self.clip_threshold, **moments)
-        new["sign_momentum_streak"], warn = sophia_core.sign_momentum_regime(
-            new["sign_momentum_streak"], share, refreshes=new["hessian_refreshes"], xp=xp)
-        new["unclipped_share"] = ops.cast(share, "float32")
+        target = self.target_unclipped_share
+        after = sophia_core.after_fold(
+            [m.value for m in self._momentums], hs, target=target,
+            gamma=self.gamma if target is None else new["gamma"],
+            streak=new["sign_momentum_streak"], refreshes=new["hessian_refreshes"],
+            eps=self.epsilon, clip_threshold=self.clip_threshold, b1=self.beta_1,
+            step=self._exact_count(ops.maximum(self.iterations, 1)),
+            bias_correction=self.bias_correction, xp=xp)
+        new["gamma"] = ops.cast(after.gamma, new["gamma"].dtype)
+        new["sign_momentum_streak"] = after.streak
+        new["unclipped_share"] = ops.cast(after.share, "float32")
         if self.warn_sign_momentum and "sign_momentum" not in self._warned:
             self._host_checks_dropped |= not host_call_if(
-                warn if where is None else warn & where, self._warn_sign_momentum, share)
+                after.warn if where is None else after.warn & where, self._warn_sign_momentum,
+                after.share)
         return [*hs, *new.values()]
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -195,3 +195,23 @@ def test_estimate_rows():
     with pytest.raises(TypeError, match="hessian_batch_fraction"):
         sc.estimate_rows(8, "0.25")
     assert sc.estimate_rows(8, sc.DEFAULTS["hessian_batch_fraction"]) == math.ceil(8 * 0.25)
+
+
+@pytest.mark.parametrize("target", [None, 0.3])
+def test_after_fold_runs_target_share_and_detector_in_order(xp, target):
+    rng = np.random.default_rng(5)
+    ms = [xp.asarray(rng.normal(size=(20, 3))), xp.asarray(rng.normal(size=9))]
+    hs = [xp.asarray(rng.random((20, 3))), xp.asarray(rng.random(9))]
+    moments = dict(clip_threshold=1.0, b1=0.9, step=7, bias_correction=True)
+    after = sc.after_fold(ms, hs, gamma=0.04, target=target, streak=9, refreshes=30,
+                          eps=1e-12, **moments)
+    gamma = 0.04 if target is None else sc.gamma_for_unclipped_share(
+        ms, hs, target=target, gamma=0.04, **moments)
+    share = sc.unclipped_share(ms, hs, gamma=gamma, eps=1e-12, **moments)
+    assert to_numpy(after.share).tobytes() == to_numpy(share).tobytes()
+    assert float(to_numpy(after.gamma)) == (0.04 if target is None else float(to_numpy(gamma)))
+    low = float(to_numpy(share)) < sc.SIGN_MOMENTUM_SHARE
+    assert int(to_numpy(after.streak)) == (10 if low else 0)
+    assert bool(to_numpy(after.warn)) == low
+    if target is not None:  # the target moves the share there, away from sign momentum
+        assert abs(float(to_numpy(after.share)) - target) < 0.05
