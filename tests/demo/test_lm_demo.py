@@ -94,6 +94,9 @@ def test_explanation_reads_the_recorded_study(tmp_path: pathlib.Path) -> None:
     line = common.explain(runs, study=study)
     assert line.startswith("why: AdamW ends lower here (AdamW 2.10, Sophia-G 2.60)")
     assert "AdamW's / 12" in line and "0.25" in line and "2.8x AdamW's steps" in line
+    assert "0.25 in the study" in line
+    runs[0].unclipped_share.append((10, 0.13))  # the run's own share, when it has one
+    assert "unclipped share 0.13 at the end of this run" in common.explain(runs, study=study)
     missing = common.explain(runs, study=tmp_path / "absent.json")
     assert "nox -s study" in missing and "docs/study.md" in missing
 

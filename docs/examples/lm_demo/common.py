@@ -320,10 +320,13 @@ def explain(results: list[RunResult], *, default: bool = True,
     try:
         summary = json.loads(pathlib.Path(study).read_text())["summary"]
         best, ratio = summary["best"], summary["steps_to_reach"]["sophia_steps_over_adamw"]
-        share = best["sophia-g"]["unclipped_share_end"]
+        own = by_name.get("sophia-g")
+        share, where = ((own.unclipped_share[-1][1], "at the end of this run")
+                        if own is not None and own.unclipped_share else
+                        (best["sophia-g"]["unclipped_share_end"], "in the study"))
         text += (
             f"; at this model size Sophia-G is close to sign momentum (unclipped share "
-            f"{share:.2f}), and the equal-budget study{'' if default else ' of the defaults'} "
+            f"{share:.2f} {where}), and the equal-budget study{'' if default else ' of the defaults'} "
             f"(`nox -s study`, docs/study.md) found its best lr at AdamW's / "
             f"{summary['lr_ratio_adamw_over_sophia']:.0f} and {ratio:.1f}x AdamW's steps "
             f"needed for the same loss")
