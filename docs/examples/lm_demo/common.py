@@ -326,7 +326,8 @@ def explain(results: list[RunResult], *, default: bool = True,
                         (best["sophia-g"]["unclipped_share_end"], "in the study"))
         text += (
             f"; at this model size Sophia-G is close to sign momentum (unclipped share "
-            f"{share:.2f} {where}), and the equal-budget study{'' if default else ' of the defaults'} "
+            f"{share:.2f} {where}), and the equal-budget study"
+            f"{'' if default else ' of the defaults'} "
             f"(`nox -s study`, docs/study.md) found its best lr at AdamW's / "
             f"{summary['lr_ratio_adamw_over_sophia']:.0f} and {ratio:.1f}x AdamW's steps "
             f"needed for the same loss")
