@@ -47,20 +47,27 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-def estimate_rows(batch_size: int, fraction: float) -> int:
+def estimate_rows(batch_size: Any, fraction: float, *, xp: Any = None) -> Any:
     """How many of a batch's sequences the in-loop Sophia-G estimate uses.
 
-    ``max(1, ceil(fraction * batch_size))`` (``fraction`` in (0, 1], see
-    ``DEFAULTS["hessian_batch_fraction"]``). Because ``hhat = N * ghat**2``
-    counts N on the rows used, a subset estimates the same quantity as the
-    whole batch, with more noise, for ``fraction`` of the cost.
+    ``ceil(fraction * batch_size)`` in double precision (``fraction`` in
+    (0, 1], see ``DEFAULTS["hessian_batch_fraction"]``): at least one row of
+    a non-empty batch. ``batch_size`` is a Python int, or a 0-d integer
+    array for a batch size known only at run time (the count then comes as
+    an array of the same dtype). Because ``hhat = N * ghat**2`` counts N on
+    the rows used, a subset estimates the same quantity as the whole batch,
+    with more noise, for ``fraction`` of the cost.
     """
-    if not (isinstance(batch_size, int) and batch_size >= 0):
-        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
     from ._hyperparameters import validate_hyperparameters
 
     validate_hyperparameters(hessian_batch_fraction=fraction)
-    return max(1, math.ceil(fraction * batch_size)) if batch_size else 0
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 0:
+        return math.ceil(fraction * batch_size)  # >= 1 for a non-empty batch: fraction > 0
+    if not hasattr(batch_size, "dtype"):
+        raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+    xp = namespace_of(batch_size, xp=xp)
+    exact = xp.astype(batch_size, xp.float64)
+    return xp.astype(xp.ceil(fraction * exact), batch_size.dtype)
 
 
 def _floating(array: Any, xp: Any) -> Any:

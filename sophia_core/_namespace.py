@@ -27,6 +27,7 @@ NAMESPACE_FUNCTIONS: tuple[str, ...] = (
     "arange",
     "argmax",
     "astype",
+    "ceil",
     "clip",
     "concat",
     "exp",

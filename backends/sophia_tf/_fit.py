@@ -78,10 +78,9 @@ def _labels_mask(y: Any, logits: Any, ignore_index: int) -> Any:
 
 def _first_rows(data: Any, fraction: float) -> Any:
     """The first :func:`sophia_core.estimate_rows` rows of every array in ``data``
-    (the same count as a tensor for a batch size known only at run time)."""
+    (a tensor count for a batch size known only at run time)."""
     batch = ops.shape(keras.tree.flatten(data)[0])[0]
-    rows = sophia_core.estimate_rows(batch, fraction) if isinstance(batch, int) else \
-        ops.maximum(1, ops.cast(ops.ceil(fraction * ops.cast(batch, "float32")), "int32"))
+    rows = sophia_core.estimate_rows(batch, fraction, xp=None if isinstance(batch, int) else xp)
     return keras.tree.map_structure(lambda t: None if t is None else t[:rows], data)
 
 

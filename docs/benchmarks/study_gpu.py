@@ -58,7 +58,6 @@ from lm_demo.common import (  # noqa: E402
     count_params,
     load_average,
     machine,
-    refresh_rows,
     run_loop,
 )
 from lm_demo.data import Batches, load_python_sources  # noqa: E402
@@ -86,7 +85,6 @@ class TorchTrainer:
         self.config, self.device = config, torch.device(device)
         self.model = GPT(config).to(self.device)
         self.params = list(self.model.parameters())
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sophia = optimizer == "sophia-g"
         if self.sophia:
             import sophia_torch
@@ -97,7 +95,10 @@ class TorchTrainer:
             self.opt = sophia_torch.Sophia(
                 self.params, lr=lr, betas=(config.sophia_b1, config.sophia_b2),
                 gamma=config.sophia_gamma, weight_decay=config.sophia_weight_decay,
-                hessian_interval=config.hessian_interval, **options)
+                hessian_interval=config.hessian_interval,
+                hessian_batch_fraction=config.hessian_fraction,
+                generator=torch.Generator(device=self.device).manual_seed(config.seed),
+                **options)
         else:
             kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
             self.opt = torch.optim.AdamW(
@@ -110,15 +111,10 @@ class TorchTrainer:
     def step(self, x, y, lr: float) -> StepResult:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x = self._tensor(x)
-        refreshed = self.sophia and self.opt.hessian_refresh_due()
-        if refreshed:
-            import sophia_torch
-
-            logits = self.model(x[: refresh_rows(len(x), self.config)])
-            self.opt.update_hessian(
-                sophia_torch.gnb_hessian(logits, self.params, generator=self.generator))
-        loss = self.loss_fn(self.model(x), self._tensor(y).long())
+        x, y = self._tensor(x), self._tensor(y).long()
+        # Sophia-G: the optimizer's own in-step refresh, as in the CPU demo.
+        refreshed = self.sophia and self.opt.refresh_hessian(self.model, x, targets=y)
+        loss = self.loss_fn(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import pathlib
-import re
 import runpy
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-ROOT = pathlib.Path(__file__).parent.parent.parent
+from docs_support import DOCS, python_blocks
 
 
 def test_jax_page_code_blocks_run_in_order(capsys):
-    text = (ROOT / "docs" / "frameworks" / "jax.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = python_blocks(DOCS / "frameworks" / "jax.md")
     assert len(blocks) >= 6
     namespace: dict = {}
     for block in blocks:
@@ -25,13 +21,13 @@ def test_jax_page_code_blocks_run_in_order(capsys):
 
 
 def test_plain_jax_example_learns():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "jax_sophia_g.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "jax_sophia_g.py"))
     first, last = example["main"](["--steps", "40", "--batch", "32", "--width", "16"])
     assert np.isfinite(last) and last < first
 
 
 def test_masked_example_refreshes_the_matrices_and_learns():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "jax_masked_sophia.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "jax_masked_sophia.py"))
     result = example["main"](["--steps", "40", "--width", "16"])
     state = result["state"]
     assert int(state.hessian_refreshes) == 4
@@ -43,7 +39,7 @@ def test_masked_example_refreshes_the_matrices_and_learns():
 
 
 def test_flax_nnx_example_refreshes_and_learns():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "flax_nnx_sophia.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "flax_nnx_sophia.py"))
     result = example["main"](["--steps", "12", "--width", "8"])
     state = result["state"]
     assert int(state.count) == 12 and int(state.hessian_refreshes) == 3

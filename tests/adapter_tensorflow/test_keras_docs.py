@@ -6,16 +6,14 @@ on JAX and torch too.
 
 from __future__ import annotations
 
-import pathlib
-import re
 import runpy
 
 import pytest
+from docs_support import DOCS, python_blocks
 from keras_support import keras  # noqa: F401  (sets the Keras backend, or skips)
 
-ROOT = pathlib.Path(__file__).parent.parent.parent
-PAGE = ROOT / "docs" / "frameworks" / "tensorflow.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
+PAGE = DOCS / "frameworks" / "tensorflow.md"
+BLOCKS = python_blocks(PAGE)
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
@@ -24,6 +22,6 @@ def test_documented_example_runs(code):
 
 
 def test_the_example_script_trains():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "keras_sophia_g_fit.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "keras_sophia_g_fit.py"))
     losses = example["main"](epochs=2, verbose=0)
     assert losses[-1] < 0.5 * losses[0]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import pathlib
-import re
 import runpy
 
 import pytest
 from backend_support import require
+from docs_support import DOCS, python_blocks
 
 torch = require("torch")
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-PAGE = ROOT / "docs" / "frameworks" / "torch.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
+PAGE = DOCS / "frameworks" / "torch.md"
+BLOCKS = python_blocks(PAGE)
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
@@ -22,11 +20,11 @@ def test_documented_example_runs(code):
 
 
 def test_the_standard_loop_example_learns():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "torch_sophia_g.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "torch_sophia_g.py"))
     loss = example["main"](["--steps", "150"])
     assert loss < 1.0  # log(16) = 2.77 at the start
 
 
 def test_the_trainer_example_learns():
-    example = runpy.run_path(str(ROOT / "docs" / "examples" / "torch_hf_trainer.py"))
+    example = runpy.run_path(str(DOCS / "examples" / "torch_hf_trainer.py"))
     assert example["main"](["--steps", "40"]) < 2.0

@@ -195,6 +195,16 @@ def test_estimate_rows():
     with pytest.raises(TypeError, match="hessian_batch_fraction"):
         sc.estimate_rows(8, "0.25")
     assert sc.estimate_rows(8, sc.DEFAULTS["hessian_batch_fraction"]) == math.ceil(8 * 0.25)
+    with pytest.raises(ValueError, match="batch_size"):
+        sc.estimate_rows(-1, 0.5)
+
+
+def test_estimate_rows_of_a_run_time_batch_size_is_the_python_count(xp):
+    """A batch size known only inside compiled code gets the same rows (Keras's fit)."""
+    for fraction in (0.1, 0.25, 1 / 3, 0.7, 1.0):
+        for batch in (0, 1, 3, 10, 30, 64, 1000):
+            got = sc.estimate_rows(xp.asarray(batch, dtype=xp.int32), fraction)
+            assert int(to_numpy(got)) == sc.estimate_rows(batch, fraction), (batch, fraction)
 
 
 @pytest.mark.parametrize("target", [None, 0.3])

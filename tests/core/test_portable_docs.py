@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import pathlib
-import re
+from docs_support import DOCS, python_blocks
 
 from sophia_core import portable
 
-PAGE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "portable-state.md"
+PAGE = DOCS / "portable-state.md"
 
 
 def test_page_code_blocks_run_in_order(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
+    blocks = python_blocks(PAGE)
     assert len(blocks) == 2
     namespace: dict = {}
     for block in blocks:

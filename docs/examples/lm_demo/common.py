@@ -31,7 +31,6 @@ __all__ = [
     "init_params",
     "lr_table",
     "plot",
-    "refresh_rows",
 ]
 
 
@@ -342,11 +341,6 @@ class StepResult(NamedTuple):
     loss: float
     #: Whether this step folded a new Hessian estimate into ``h``.
     refreshed: bool = False
-
-
-def refresh_rows(batch_size: int, config: Config) -> int:
-    """How many of a batch's sequences the Sophia-G estimate uses."""
-    return max(1, math.ceil(config.hessian_fraction * batch_size))
 
 
 def _excess_s(refresh_step_s: list[float], plain_s: list[float]) -> float:
